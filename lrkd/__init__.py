@@ -1,0 +1,3 @@
+"""lrkd: distil a large language model into a small one with PyTorch Lightning."""
+
+__version__ = "0.1.0"
