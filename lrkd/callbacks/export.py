@@ -1,0 +1,55 @@
+"""Export the trained student as a plain Hugging Face model directory at the end of training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+log = logging.getLogger("lrkd")
+
+
+def export_student(student: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Save ``student`` (and ``tokenizer``) as a directory ``from_pretrained`` loads.
+
+    A student with a ``materialize()`` method (e.g. a low-rank clone) is materialised into a
+    plain model first.
+
+    Raises:
+        TypeError: the student is neither a Hugging Face model nor materialisable into one.
+    """
+    model = student.materialize() if hasattr(student, "materialize") else student
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(
+            f"cannot export a {type(model).__name__} as a Hugging Face model: it has no "
+            "save_pretrained (or materialize) method; save its state_dict from the checkpoint."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors by default
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+class ExportStudent(Callback):
+    """At the end of ``fit``, write the student and tokenizer as a Hugging Face model dir.
+
+    Args:
+        dirpath: where to write it; ``None`` uses ``<log_dir>/student``.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the student (rank zero only)."""
+        dirpath = self.dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "student")
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        out = export_student(pl_module.student, dirpath, tokenizer)
+        log.warning("lrkd: exported the student to %s", out)

@@ -1,0 +1,322 @@
+"""Language-modelling text and prompt+response examples from local files, for distillation.
+
+Two kinds of records are read from ``.txt``, ``.jsonl``/``.json`` and ``.parquet`` files:
+
+- **text** (a ``.txt`` file is one document per blank-line-separated paragraph; a JSONL or
+  parquet record has a ``text`` field): tokenised, joined with EOS and packed into blocks of
+  ``seq_length`` tokens; every token is a training target.
+- **prompt + response** (records with ``prompt`` and ``response`` fields): one example each,
+  the prompt formatted with the tokenizer's chat template when it has one, right-padded in the
+  batch; only response tokens (and the closing EOS) are training targets.
+
+Every batch is a dict of ``input_ids``, ``attention_mask`` and ``loss_mask`` [B, L] (see
+:class:`lrkd.module.DistillationModule`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from lrkd.data.corpus import builtin_corpus
+from lrkd.models.teachers import load_tokenizer
+
+
+def read_records(
+    path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> Iterator[dict[str, str]]:  # fmt: skip
+    """Yield ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` records from a file.
+
+    Raises:
+        ValueError: a malformed line or record, naming the file and line (or row) number.
+        FileNotFoundError: the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
+            if paragraph.strip():
+                yield {"text": paragraph.strip()}
+        return
+    if suffix in (".jsonl", ".json"):
+        rows: Iterator[tuple[int, Any]] = _jsonl_rows(path)
+    elif suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet")
+    for line_no, row in rows:
+        where = f"{path}:{line_no}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if prompt_field in row and response_field in row:
+            prompt, response = row[prompt_field], row[response_field]
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise ValueError(
+                    f"{where}: {prompt_field!r} and {response_field!r} must be strings"
+                )
+            yield {"prompt": prompt, "response": response}
+        elif text_field in row:
+            if not isinstance(row[text_field], str):
+                raise ValueError(f"{where}: {text_field!r} must be a string")
+            yield {"text": row[text_field]}
+        else:
+            raise ValueError(
+                f"{where}: record has neither {text_field!r} nor {prompt_field!r}+"
+                f"{response_field!r}; its keys are {sorted(row)}"
+            )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg})") from err
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+
+
+class PackedText(Dataset):
+    """Documents tokenised, joined with EOS and cut into blocks of ``seq_length`` tokens.
+
+    The last partial block is dropped. Every token is a training target.
+    """
+
+    def __init__(self, documents: list[str], tokenizer: Any, seq_length: int) -> None:
+        eos = tokenizer.eos_token_id
+        stream: list[int] = []
+        for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+        n_blocks = len(stream) // seq_length
+        if n_blocks == 0:
+            raise ValueError(
+                f"the text has {len(stream)} tokens, fewer than one block of seq_length="
+                f"{seq_length}; give more text or a shorter data.seq_length"
+            )
+        self.blocks = torch.tensor(stream[: n_blocks * seq_length]).view(n_blocks, seq_length)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[index]
+        ones = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+
+
+class PromptResponse(Dataset):
+    """Prompt+response examples in which only the response tokens are training targets.
+
+    Args:
+        records: dicts with ``prompt`` and ``response``.
+        tokenizer: the teacher's tokenizer.
+        seq_length: examples are truncated to this many tokens.
+        chat_template: format the prompt as a user turn with the tokenizer's chat template
+            (when it has one), so that an instruction-tuned teacher sees what it was trained on.
+    """
+
+    def __init__(
+        self, records: list[dict[str, str]], tokenizer: Any, seq_length: int,
+        chat_template: bool = True,
+    ) -> None:  # fmt: skip
+        use_template = chat_template and getattr(tokenizer, "chat_template", None)
+        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for record in records:
+            if use_template:
+                prompt_ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": record["prompt"]}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+                if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+                    prompt_ids = prompt_ids["input_ids"]
+            else:
+                prompt_ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+            response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
+            response_ids = [*response_ids, tokenizer.eos_token_id]
+            ids = torch.tensor([*prompt_ids, *response_ids][:seq_length])
+            is_target = torch.zeros_like(ids)
+            is_target[len(prompt_ids) :] = 1
+            self.examples.append((ids, is_target))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, is_target = self.examples[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": is_target}
+
+
+def pad_collate(
+    examples: list[dict[str, torch.Tensor]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad examples of different lengths into a batch (pad positions are masked out)."""
+    length = max(e["input_ids"].shape[0] for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        if examples[0][key].dim() == 0:
+            batch[key] = torch.stack([e[key] for e in examples])
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        out = torch.full((len(examples), length), fill, dtype=examples[0][key].dtype)
+        for i, e in enumerate(examples):
+            out[i, : e[key].shape[0]] = e[key]
+        batch[key] = out
+    return batch
+
+
+class TextDataModule(LightningDataModule):
+    """Text or prompt+response data from local files, tokenised with the teacher's tokenizer.
+
+    With no ``train_files``, the built-in generated corpus is used (no download).
+
+    Args:
+        train_files: ``.txt``, ``.jsonl`` or ``.parquet`` files (see the module docs for the
+            record formats). ``None`` uses the built-in corpus.
+        val_files: validation files; ``None`` holds out ``val_fraction`` of the training records.
+        tokenizer: a built-in name, local directory or hub id; ``None`` takes the teacher's
+            tokenizer from the DistillationModule.
+        seq_length: tokens per packed block, and the truncation length of prompt+response
+            examples.
+        batch_size: examples per batch (per device).
+        val_fraction: share of records held out for validation when ``val_files`` is None.
+        chat_template: format prompts with the tokenizer's chat template when it has one.
+        text_field: the JSONL/parquet field holding plain text.
+        prompt_field: the field holding a prompt.
+        response_field: the field holding a response.
+        builtin_documents: number of generated documents when the built-in corpus is used.
+        num_workers: DataLoader worker processes.
+        seed: seed for the built-in corpus, the validation split and shuffling.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        tokenizer: str | None = None,
+        seq_length: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        chat_template: bool = True,
+        text_field: str = "text",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        builtin_documents: int = 2000,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_length < 2:
+            raise ValueError(f"data.seq_length must be at least 2, got {seq_length}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_files = train_files
+        self.val_files = val_files
+        self.tokenizer_name = tokenizer
+        self.seq_length = seq_length
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.chat_template = chat_template
+        self.fields = {"text_field": text_field, "prompt_field": prompt_field,
+                       "response_field": response_field}  # fmt: skip
+        self.builtin_documents = builtin_documents
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer: Any = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def _resolve_tokenizer(self) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name is not None:
+            return load_tokenizer(self.tokenizer_name, field="data.tokenizer")
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "data.tokenizer is not set and the model has no tokenizer (the teacher was "
+                "not loaded by name); set data.tokenizer to a tokenizer directory or name."
+            )
+        return tokenizer
+
+    def _records(self, files: list[str] | None) -> list[dict[str, str]]:
+        if files is None:
+            return [{"text": doc} for doc in builtin_corpus(self.builtin_documents, self.seed)]
+        return [record for f in files for record in read_records(f, **self.fields)]
+
+    def _dataset(self, records: list[dict[str, str]]) -> Dataset:
+        kinds = {"text" if "text" in r else "prompt" for r in records}
+        if len(kinds) > 1:
+            raise ValueError(
+                "data: the files mix plain-text records and prompt+response records; "
+                "give one kind per DataModule"
+            )
+        if kinds == {"text"}:
+            return PackedText([r["text"] for r in records], self.tokenizer, self.seq_length)
+        return PromptResponse(records, self.tokenizer, self.seq_length, self.chat_template)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, tokenise and split the data (once)."""
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = self._resolve_tokenizer()
+        records = self._records(self.train_files)
+        if not records:
+            raise ValueError(f"data.train_files {self.train_files} hold no records")
+        if self.val_files is not None:
+            val_records = self._records(self.val_files)
+        else:
+            random.Random(self.seed).shuffle(records)
+            n_val = max(1, int(len(records) * self.val_fraction)) if self.val_fraction else 0
+            val_records, records = records[:n_val], records[n_val:]
+        self.train_dataset = self._dataset(records)
+        self.val_dataset = self._dataset(val_records) if val_records else None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=partial(pad_collate, pad_token_id=pad),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        assert self.train_dataset is not None, "call setup() first"
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches (an empty list when there is no validation data)."""
+        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation split, used for ``lrkd test``."""
+        return self.val_dataloader()

@@ -1,0 +1,473 @@
+"""Token-level distillation losses computed in memory-bounded chunks.
+
+Conventions:
+
+* The **teacher** distribution is ``p = softmax(teacher_logits / T)`` and the **student**
+  distribution is ``q = softmax(student_logits / T)``, both over the last (vocabulary) dimension.
+  ``forward_kl`` is ``KL(p || q)`` (mode covering), ``reverse_kl`` is ``KL(q || p)`` (mode
+  seeking).
+* ``jsd`` is the generalised Jensen-Shannon divergence of GKD (Agarwal et al., 2024), in the
+  convention of Hugging Face TRL's ``generalized_jsd_loss``: with ``M = beta * p + (1 - beta) * q``
+  it is ``beta * KL(p || M) + (1 - beta) * KL(q || M)``. The divergence itself tends to 0 at both
+  ends, but its normalised limits are the two KLs (``JSD / beta -> KL(p || q)`` as ``beta -> 0``
+  and ``JSD / (1 - beta) -> KL(q || p)`` as ``beta -> 1``), so ``beta == 0`` is defined to be
+  forward KL and ``beta == 1`` reverse KL.
+* ``skew_forward_kl`` / ``skew_reverse_kl`` are DistiLLM's skewed KLs (Ko et al., 2024):
+  ``KL(p || a * p + (1 - a) * q)`` and ``KL(q || a * q + (1 - a) * p)`` with ``a = skew_alpha``.
+* ``tvd`` is the total variation distance ``0.5 * sum |p - q|``.
+* The temperature divides both logits; no ``T**2`` gradient correction is applied here.
+* All arithmetic is done in ``torch.promote_types(dtype, float32)`` (float32 for bf16/fp16/fp32
+  logits), probabilities that are exactly zero (e.g. from ``-inf`` logits) contribute zero, and
+  values come back as per-token losses that are zero at masked-out positions.
+
+Memory: the logits are flattened to ``[N, V]`` rows and processed by a custom autograd function
+a chunk of rows at a time, in the forward pass and again in the backward pass, where each chunk
+is recomputed and differentiated on its own. Only the inputs are saved for backward, so the
+extra memory is the ``[N]`` outputs, the unavoidable ``[N, V]`` gradient in the input dtype, and
+a handful of float32 temporaries of one chunk; never a full ``[N, V]`` float32 tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = [
+    "DIVERGENCE_KINDS",
+    "REDUCTIONS",
+    "DivergenceKind",
+    "KDDivergence",
+    "Reduction",
+    "chunked_cross_entropy",
+    "kd_divergence",
+]
+
+DivergenceKind = Literal[
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"
+]
+DIVERGENCE_KINDS: tuple[str, ...] = get_args(DivergenceKind)
+
+Reduction = Literal["none", "sum", "mean", "per_example"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+# Elements of one float32 temporary per chunk (64 MiB); rows per chunk = this // vocab size.
+_AUTO_CHUNK_ELEMENTS = 2**24
+
+RowFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def kd_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    chunk_size: int | None = None,
+    reduction: Reduction = "none",
+) -> Tensor:
+    """Divergence between the teacher's and the student's next-token distributions.
+
+    Args:
+        student_logits: Student logits of shape ``[..., V]`` (typically ``[B, L, V]``), any
+            floating dtype.
+        teacher_logits: Teacher logits of exactly the same shape (align the vocabularies first).
+        kind: One of ``forward_kl`` (``KL(teacher || student)``), ``reverse_kl``
+            (``KL(student || teacher)``), ``jsd`` (generalised JSD weighted by ``beta``),
+            ``skew_forward_kl``, ``skew_reverse_kl`` (DistiLLM skewed KLs, mixing weight
+            ``skew_alpha``) or ``tvd`` (total variation distance).
+        temperature: Softmax temperature applied to both logits; must be positive.
+        mask: Tokens to include, broadcastable to ``student_logits.shape[:-1]``; bool or 0/1
+            (nonzero entries count). ``None`` includes every token.
+        beta: JSD teacher weight in ``[0, 1]``: ``M = beta * p + (1 - beta) * q`` and the loss is
+            ``beta * KL(p || M) + (1 - beta) * KL(q || M)``. ``0`` gives forward KL and ``1``
+            reverse KL, the limits of the JSD divided by ``beta`` and ``1 - beta``.
+        skew_alpha: Skew in ``[0, 1)`` for the skewed KLs; ``0`` gives the plain KL.
+        chunk_size: Rows (tokens) per chunk; ``None`` picks ``max(1, 2**24 // V)``, about 64 MiB
+            per float32 temporary.
+        reduction: ``none`` returns per-token values of shape ``logits.shape[:-1]`` (zero where
+            masked out); ``sum`` their sum; ``mean`` the sum over the number of unmasked tokens;
+            ``per_example`` one such mean per index of the first dimension (shape ``[B]``), so
+            examples can be weighted. Empty selections give 0, never NaN.
+
+    Returns:
+        The reduced loss, in float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: On an unknown ``kind`` or ``reduction``, mismatched logit shapes, a mask that
+            does not broadcast, or an out-of-range ``temperature``, ``beta``, ``skew_alpha`` or
+            ``chunk_size``.
+    """
+    _check_divergence_args(kind, temperature, beta, skew_alpha)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape; align the vocabularies first"
+        )
+    if not student_logits.is_floating_point() or not teacher_logits.is_floating_point():
+        raise ValueError("Logits must be floating point tensors")
+
+    row_fn = functools.partial(
+        _divergence_rows, kind=kind, temperature=temperature, beta=beta, skew_alpha=skew_alpha
+    )
+    compute_dtype = _compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    return _chunked_loss(
+        student_logits, teacher_logits, mask, row_fn, compute_dtype, chunk_size, reduction
+    )
+
+
+def chunked_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    reduction: Reduction = "none",
+) -> Tensor:
+    """Cross-entropy of logits against integer targets, computed in chunks of tokens.
+
+    Args:
+        logits: Logits of shape ``[..., V]``, any floating dtype.
+        targets: Integer class indices of shape ``logits.shape[:-1]``, already aligned with the
+            logits (``targets[i]`` is the label for ``logits[i]``). Masked-out positions may hold
+            any value (e.g. ``-100``); unmasked ones must be in ``[0, V)``.
+        mask: Tokens to include, broadcastable to ``logits.shape[:-1]``; bool or 0/1. ``None``
+            includes every token.
+        chunk_size: Rows (tokens) per chunk; ``None`` picks ``max(1, 2**24 // V)``.
+        reduction: ``none``, ``sum``, ``mean`` or ``per_example``, as in :func:`kd_divergence`.
+
+    Returns:
+        The reduced loss, in float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: On mismatched shapes, non-integer targets, a mask that does not broadcast, an
+            unknown ``reduction`` or a bad ``chunk_size``.
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"Targets {tuple(targets.shape)} must have the logits' shape without the vocabulary "
+            f"dimension, {tuple(logits.shape[:-1])}"
+        )
+    if targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"Targets must be integer class indices, got dtype {targets.dtype}")
+    if not logits.is_floating_point():
+        raise ValueError("Logits must be a floating point tensor")
+
+    batch_shape = logits.shape[:-1]
+    keep = _broadcast_mask(mask, batch_shape, logits.device)
+    # Masked-out targets (e.g. -100) are replaced by a valid index so gather never fails.
+    safe_targets = targets.masked_fill(~keep, 0).reshape(-1, 1)
+    compute_dtype = _compute_dtype(logits.dtype)
+    return _chunked_loss(
+        logits, safe_targets, keep, _cross_entropy_rows, compute_dtype, chunk_size, reduction
+    )
+
+
+class KDDivergence(nn.Module):
+    """Module form of :func:`kd_divergence` that holds the divergence's settings.
+
+    Args:
+        kind: Divergence, one of :data:`DIVERGENCE_KINDS`.
+        temperature: Softmax temperature applied to both logits.
+        beta: JSD teacher weight in ``[0, 1]`` (used by ``jsd`` only).
+        skew_alpha: Skew in ``[0, 1)`` (used by the skewed KLs only).
+        chunk_size: Rows (tokens) per chunk; ``None`` chooses automatically.
+    """
+
+    def __init__(
+        self,
+        kind: DivergenceKind = "forward_kl",
+        temperature: float = 1.0,
+        *,
+        beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.temperature = temperature
+        self.beta = beta
+        self.skew_alpha = skew_alpha
+        self.chunk_size = chunk_size
+        # Fail at construction rather than at the first training step.
+        _check_divergence_args(kind, temperature, beta, skew_alpha)
+        if chunk_size is not None:
+            _check_chunk_size(chunk_size)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        mask: Tensor | None = None,
+        reduction: Reduction = "none",
+    ) -> Tensor:
+        """Computes the divergence; see :func:`kd_divergence` for the arguments.
+
+        Args:
+            student_logits: Student logits ``[..., V]``.
+            teacher_logits: Teacher logits of the same shape.
+            mask: Tokens to include, broadcastable to ``student_logits.shape[:-1]``.
+            reduction: ``none``, ``sum``, ``mean`` or ``per_example``.
+
+        Returns:
+            The reduced loss.
+        """
+        return kd_divergence(
+            student_logits,
+            teacher_logits,
+            self.kind,
+            self.temperature,
+            mask,
+            beta=self.beta,
+            skew_alpha=self.skew_alpha,
+            chunk_size=self.chunk_size,
+            reduction=reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, "
+            f"skew_alpha={self.skew_alpha}, chunk_size={self.chunk_size}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Row functions: [n, V] float rows (and the other input's rows) -> [n] per-row values.
+# --------------------------------------------------------------------------------------------
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(P || Q)`` per row from log-probabilities, with ``0 * log 0 = 0``."""
+    p = log_p.exp()
+    # Select before multiplying: where p == 0, log_p - log_q may be -inf - -inf = NaN, and
+    # masking only the product would still send NaN into the gradient.
+    log_ratio = torch.where(p > 0, log_p - log_q, 0.0)
+    return (p * log_ratio).sum(-1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """``log(weight * P + (1 - weight) * Q)`` for ``0 < weight < 1``, computed stably."""
+    # Clamping -inf to the most negative finite value keeps logaddexp's gradient finite where
+    # both probabilities are zero (its backward evaluates exp(-inf - -inf) there).
+    floor = torch.finfo(log_p.dtype).min
+    return torch.logaddexp(
+        log_p.clamp_min(floor) + math.log(weight), log_q.clamp_min(floor) + math.log1p(-weight)
+    )
+
+
+def _divergence_rows(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew_alpha: float,
+) -> Tensor:
+    """Per-row divergence between teacher rows (``p``) and student rows (``q``)."""
+    if temperature != 1.0:
+        student = student / temperature
+        teacher = teacher / temperature
+    if kind == "tvd":
+        return 0.5 * (teacher.softmax(-1) - student.softmax(-1)).abs().sum(-1)
+
+    log_q = student.log_softmax(-1)
+    log_p = teacher.log_softmax(-1)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl(log_p, log_q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl(log_q, log_p)
+    if kind == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if skew_alpha == 0.0:
+        return _kl(log_p, log_q) if kind == "skew_forward_kl" else _kl(log_q, log_p)
+    if kind == "skew_forward_kl":
+        return _kl(log_p, _log_mixture(log_p, log_q, skew_alpha))
+    if kind == "skew_reverse_kl":
+        return _kl(log_q, _log_mixture(log_q, log_p, skew_alpha))
+    raise AssertionError(f"unhandled divergence kind {kind!r}")
+
+
+def _cross_entropy_rows(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy; ``targets`` is ``[n, 1]`` of valid class indices."""
+    return logits.logsumexp(-1) - logits.gather(-1, targets).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked evaluation.
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def _check_divergence_args(kind: str, temperature: float, beta: float, skew_alpha: float) -> None:
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(
+            f"Unknown divergence kind {kind!r}; expected one of: {', '.join(DIVERGENCE_KINDS)}"
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must be in [0, 1), got {skew_alpha}")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+
+def _broadcast_mask(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    """The mask as a bool tensor of exactly ``shape``."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    try:
+        expanded = torch.broadcast_to(mask, shape)
+    except RuntimeError as error:
+        raise ValueError(
+            f"Mask of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}"
+        ) from error
+    return expanded if expanded.dtype == torch.bool else expanded != 0
+
+
+def _chunked_loss(
+    student: Tensor,
+    other: Tensor,
+    mask: Tensor | None,
+    row_fn: RowFn,
+    compute_dtype: torch.dtype,
+    chunk_size: int | None,
+    reduction: str,
+) -> Tensor:
+    """Flattens to rows, runs ``row_fn`` chunk by chunk and applies the reduction."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"Unknown reduction {reduction!r}; expected one of: {', '.join(REDUCTIONS)}"
+        )
+    batch_shape = student.shape[:-1]
+    if reduction == "per_example" and len(batch_shape) == 0:
+        raise ValueError("reduction='per_example' needs logits with a batch dimension")
+    vocab = student.shape[-1]
+    if chunk_size is None:
+        chunk_size = max(1, _AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+    _check_chunk_size(chunk_size)
+
+    keep = _broadcast_mask(mask, batch_shape, student.device)
+    # reshape is a view for contiguous inputs and for last-dimension slices of them.
+    values = _ChunkedRowLoss.apply(
+        student.reshape(-1, vocab),
+        other.reshape(-1, other.shape[-1]),
+        keep.reshape(-1),
+        row_fn,
+        compute_dtype,
+        chunk_size,
+    )
+    values = values.reshape(batch_shape)
+
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.sum() / keep.sum().clamp_min(1)
+    per_example = values.reshape(batch_shape[0], -1).sum(-1)
+    counts = keep.reshape(batch_shape[0], -1).sum(-1).clamp_min(1)
+    return per_example / counts
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Per-row loss over ``[N, V]`` rows that recomputes each chunk in backward.
+
+    Inputs: ``student`` rows ``[N, V]``, ``other`` rows (teacher logits ``[N, V]`` or integer
+    targets ``[N, 1]``), a bool ``keep`` mask ``[N]``, the row function, the compute dtype and the
+    rows per chunk. Output: ``[N]`` values in the compute dtype, zero where ``keep`` is false.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        student: Tensor,
+        other: Tensor,
+        keep: Tensor,
+        row_fn: RowFn,
+        compute_dtype: torch.dtype,
+        chunk_rows: int,
+    ) -> Tensor:
+        # Autograd runs forward under no_grad, so the chunk temporaries are freed right away.
+        values = torch.zeros(student.shape[0], dtype=compute_dtype, device=student.device)
+        for rows in _chunks(student.shape[0], chunk_rows):
+            keep_rows = keep[rows]
+            if not keep_rows.any():
+                continue
+            chunk = row_fn(
+                _upcast(student[rows], compute_dtype), _upcast(other[rows], compute_dtype)
+            )
+            # where rather than multiply, so garbage (inf/NaN) in masked-out rows cannot leak.
+            values[rows] = torch.where(keep_rows, chunk, 0.0)
+        ctx.save_for_backward(student, other, keep)
+        ctx.row_fn = row_fn
+        ctx.compute_dtype = compute_dtype
+        ctx.chunk_rows = chunk_rows
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_values: Tensor) -> tuple[Tensor | None, ...]:
+        student, other, keep = ctx.saved_tensors
+        need_student, need_other = ctx.needs_input_grad[:2]
+        grad_student = _new_grad(student) if need_student else None
+        grad_other = _new_grad(other) if need_other else None
+        grads = [grad for grad in (grad_student, grad_other) if grad is not None]
+
+        for rows in _chunks(student.shape[0], ctx.chunk_rows):
+            keep_rows = keep[rows]
+            if not keep_rows.any():
+                for grad in grads:
+                    grad[rows].zero_()
+                continue
+            with torch.enable_grad():
+                student_rows = _upcast(student[rows], ctx.compute_dtype).detach()
+                other_rows = _upcast(other[rows], ctx.compute_dtype).detach()
+                student_rows.requires_grad_(need_student)
+                other_rows.requires_grad_(need_other)
+                chunk_grads = torch.autograd.grad(
+                    ctx.row_fn(student_rows, other_rows),
+                    [x for x in (student_rows, other_rows) if x.requires_grad],
+                    grad_outputs=torch.where(keep_rows, grad_values[rows], 0.0),
+                )
+            del student_rows, other_rows
+            masked_out = None if keep_rows.all() else ~keep_rows.unsqueeze(-1)
+            for grad, chunk_grad in zip(grads, chunk_grads, strict=True):
+                if masked_out is not None:
+                    chunk_grad.masked_fill_(masked_out, 0.0)
+                grad[rows].copy_(chunk_grad)
+            del chunk_grads
+        return grad_student, grad_other, None, None, None, None
+
+
+def _chunks(num_rows: int, chunk_rows: int) -> list[slice]:
+    return [slice(start, start + chunk_rows) for start in range(0, num_rows, chunk_rows)]
+
+
+def _new_grad(x: Tensor) -> Tensor:
+    # Contiguous even when x is a strided view (e.g. a slice of a wider vocabulary).
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _upcast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype) if x.is_floating_point() else x

@@ -1,0 +1,91 @@
+"""Load a teacher (a built-in name, a local Hugging Face dir, or a hub name) and freeze it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrkd.models import zoo
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(name_or_path: str, field: str = "model.teacher") -> str:
+    """Turn a teacher reference into something ``from_pretrained`` accepts.
+
+    Args:
+        name_or_path: a built-in name (see ``lrkd.models.zoo.BUILTIN_MODELS``), a local Hugging
+            Face model directory, or a Hugging Face Hub id such as ``org/model``.
+        field: the config field being resolved, named in error messages.
+
+    Returns:
+        A local directory path (built-in or local) or the hub id unchanged.
+
+    Raises:
+        FileNotFoundError: the reference looks like a path but nothing is there.
+    """
+    if zoo.is_builtin(name_or_path):
+        return str(zoo.builtin_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{field}={name_or_path!r} is a directory without config.json; give a Hugging "
+                "Face model directory (config.json + weights)."
+            )
+        return str(path)
+    if _HUB_ID.match(name_or_path) and not path.exists():
+        return name_or_path
+    raise FileNotFoundError(
+        f"{field}={name_or_path!r}: no such model directory. Give a local Hugging Face model "
+        f"directory, a hub id like 'org/model', or a built-in name: "
+        f"{', '.join(sorted(zoo.BUILTIN_MODELS))}."
+    )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode and stop gradients to all of its parameters."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teacher(
+    name_or_path: str, dtype: torch.dtype | None = None, field: str = "model.teacher"
+) -> nn.Module:
+    """Load a Hugging Face causal LM as a frozen teacher.
+
+    Args:
+        name_or_path: built-in name, local directory or hub id (see :func:`resolve_model_path`).
+        dtype: parameter dtype; ``None`` keeps float32.
+        field: the config field, named in error messages.
+
+    Returns:
+        The model, in eval mode with ``requires_grad=False`` everywhere.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(name_or_path, field)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"{field}={name_or_path!r} could not be loaded: {err}\nIf this is a hub id, the "
+            "machine needs network access to the Hugging Face Hub (or a populated HF cache)."
+        ) from err
+    return freeze(model)
+
+
+def load_tokenizer(name_or_path: str, field: str = "tokenizer") -> Any:
+    """Load the tokenizer that belongs to a built-in name, local directory or hub id."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, field))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,287 @@
+"""DistillationModule: a frozen teacher, a trainable student, and the distillation loss."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lrkd.losses import DIVERGENCE_KINDS, chunked_cross_entropy, kd_divergence
+from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
+from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
+
+log = logging.getLogger("lrkd")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DistillationModule(LightningModule):
+    """Distil a frozen teacher into a trainable student.
+
+    Each step runs the teacher (no grad, eval mode) and the student on the same tokens and
+    minimises ``kd_weight * D(teacher, student) + ce_weight * CE(student, next token)``, where D
+    is the chosen divergence at ``temperature`` and both terms are taken on the positions the
+    batch's ``loss_mask`` selects. An example's divergence is multiplied by its ``weight`` when
+    the batch carries one (pass-rate pacing).
+
+    Batches are dicts with ``input_ids`` [B, L], ``attention_mask`` [B, L], ``loss_mask`` [B, L]
+    (1 where the token is a training target, i.e. its prediction from the previous position
+    counts) and optionally ``weight`` [B].
+
+    The teacher's weights are not stored in checkpoints (they are reloaded from ``teacher``).
+
+    Args:
+        teacher: the frozen teacher: a built-in name (``smollm2-135m-instruct``), a local
+            Hugging Face model directory, a hub id, or any causal LM ``nn.Module`` by
+            ``class_path``.
+        student: the trainable student: any causal LM ``nn.Module`` by ``class_path``, or a
+            ``StudentBuilder`` (e.g. ``lrkd.models.students.FromTeacherConfig``) that is called
+            with the teacher.
+        divergence: which divergence between teacher and student token distributions:
+            ``forward_kl`` (KL(teacher||student)), ``reverse_kl`` (KL(student||teacher)),
+            ``jsd`` (generalised, see ``jsd_beta``), ``skew_forward_kl``, ``skew_reverse_kl``
+            (see ``skew_alpha``) or ``tvd``.
+        temperature: both models' logits are divided by it before the divergence.
+        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.), which
+            keeps gradient magnitudes comparable across temperatures.
+        kd_weight: weight of the divergence term.
+        ce_weight: weight of the student's next-token cross-entropy on the data (0 disables).
+        jsd_beta: mixture weight of the teacher in ``jsd``; 0 is forward KL, 1 reverse KL.
+        skew_alpha: skew of the ``skew_*`` divergences.
+        chunk_size: tokens per chunk in the loss; ``None`` picks about 64 MB per fp32 chunk.
+        vocab_size: the number of real tokens; when teacher and student heads differ in size
+            only by padding rows, the logits are cut to the shared size. ``None`` uses the
+            teacher tokenizer's length when the teacher is loaded by name.
+        teacher_dtype: dtype of the teacher's weights: ``float32``, ``bfloat16``, ``float16``,
+            or ``auto`` (bfloat16 on a GPU that supports it, else float32).
+        optimizer: optimizer for the student's trainable parameters (default AdamW, lr 1e-3).
+        lr_scheduler: optional learning-rate scheduler, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        teacher: str | nn.Module,
+        student: nn.Module | StudentBuilder,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = False,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        jsd_beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+        teacher_dtype: str = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if divergence not in DIVERGENCE_KINDS:
+            raise ValueError(
+                f"model.divergence={divergence!r} is not a known divergence; "
+                f"choose one of {', '.join(DIVERGENCE_KINDS)}."
+            )
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}.")
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"model.jsd_beta must be in [0, 1], got {jsd_beta}.")
+        if teacher_dtype not in (*_DTYPES, "auto"):
+            raise ValueError(
+                f"model.teacher_dtype={teacher_dtype!r}; choose auto, {', '.join(_DTYPES)}."
+            )
+        self.save_hyperparameters(
+            ignore=["student", "optimizer", "lr_scheduler"]
+            + ([] if isinstance(teacher, str) else ["teacher"])
+        )
+        self.divergence = divergence
+        self.temperature = temperature
+        self.scale_by_temperature_squared = scale_by_temperature_squared
+        self.kd_weight = kd_weight
+        self.ce_weight = ce_weight
+        self.jsd_beta = jsd_beta
+        self.skew_alpha = skew_alpha
+        self.chunk_size = chunk_size
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+        self.tokenizer: Any = None
+        if isinstance(teacher, str):
+            dtype = _DTYPES.get(teacher_dtype)
+            if teacher_dtype == "auto":
+                cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+            teacher = load_teacher(teacher, dtype=dtype)
+            self.tokenizer = load_tokenizer(self.hparams.teacher, field="model.teacher")
+        elif teacher_dtype in _DTYPES:
+            teacher = teacher.to(_DTYPES[teacher_dtype])
+        self.teacher = freeze(teacher)
+        self.student = student(self.teacher) if isinstance(student, StudentBuilder) else student
+        for model in (self.teacher, self.student):
+            if getattr(getattr(model, "config", None), "use_cache", None):
+                model.config.use_cache = False  # no KV cache while training
+        self.shared_vocab = self._check_vocab(vocab_size)
+
+    def _check_vocab(self, vocab_size: int | None) -> int | None:
+        """Return the number of logits to keep, or None to keep all; fail on a real mismatch."""
+        v_teacher = output_vocab_size(self.teacher)
+        v_student = output_vocab_size(self.student)
+        if v_teacher is None or v_student is None or v_teacher == v_student:
+            return None
+        n_tokens = vocab_size or (len(self.tokenizer) if self.tokenizer is not None else None)
+        if n_tokens is not None and n_tokens <= min(v_teacher, v_student):
+            log.warning(
+                "lrkd: teacher has %d logits, student %d; the tokenizer has %d tokens, so the "
+                "extra rows are padding and the loss uses the shared first %d.",
+                v_teacher,
+                v_student,
+                n_tokens,
+                min(v_teacher, v_student),
+            )
+            return min(v_teacher, v_student)
+        known = f"the tokenizer has {n_tokens} tokens" if n_tokens else "no tokenizer size known"
+        raise ValueError(
+            f"Vocab mismatch: the teacher predicts {v_teacher} tokens and the student "
+            f"{v_student} ({known}). The student must use the teacher's tokenizer: set "
+            f"model.student's vocab_size to {v_teacher}. If the two differ only by padded "
+            "embedding rows, set model.vocab_size to the real number of tokens."
+        )
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set train/eval mode for the student; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The student's logits [B, L, V] for ``input_ids``."""
+        return model_logits(self.student, input_ids, attention_mask)
+
+    def _vocab_aligned(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared_vocab is not None:
+            student_logits = student_logits[..., : self.shared_vocab]
+            teacher_logits = teacher_logits[..., : self.shared_vocab]
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(
+                f"Vocab mismatch at run time: teacher logits have {teacher_logits.shape[-1]} "
+                f"entries, student logits {student_logits.shape[-1]}. Set model.vocab_size to "
+                "the real number of tokens if the difference is padding."
+            )
+        return student_logits, teacher_logits
+
+    def distillation_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Compute the loss and its terms for one batch.
+
+        Returns:
+            A dict with ``loss`` (to minimise), ``kd`` (the divergence term, before
+            ``kd_weight``), ``ce`` (the student's next-token cross-entropy) and
+            ``ce_teacher`` (the teacher's, for reference).
+        """
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        # Position i predicts token i + 1: targets and their mask start at 1.
+        mask = batch["loss_mask"][:, 1:].to(torch.bool)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, 1:].to(torch.bool)
+        targets = input_ids[:, 1:]
+        with torch.no_grad():
+            teacher_logits = model_logits(self.teacher, input_ids, attention_mask)[:, :-1]
+        student_logits = model_logits(self.student, input_ids, attention_mask)[:, :-1]
+        student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
+
+        kd_tokens = kd_divergence(
+            student_logits,
+            teacher_logits,
+            self.divergence,
+            self.temperature,
+            mask,
+            beta=self.jsd_beta,
+            skew_alpha=self.skew_alpha,
+            chunk_size=self.chunk_size,
+        )
+        n_tokens = mask.sum().clamp_min(1)
+        kd_per_example = kd_tokens.sum(dim=-1)
+        weight = batch.get("weight")
+        if weight is not None:
+            kd_per_example = kd_per_example * weight.to(kd_per_example.dtype)
+        kd = kd_per_example.sum() / n_tokens
+        if self.scale_by_temperature_squared:
+            kd = kd * self.temperature**2
+
+        ce = chunked_cross_entropy(
+            student_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
+        )
+        with torch.no_grad():
+            ce_teacher = chunked_cross_entropy(
+                teacher_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
+            )
+        loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
+        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "ce_teacher": ce_teacher}
+
+    def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(
+            f"{stage}/loss", terms["loss"], prog_bar=True, on_step=on_step, on_epoch=not on_step,
+            batch_size=batch_size, sync_dist=sync,
+        )  # fmt: skip
+        for name, key in (
+            (f"kd_{self.divergence}", "kd"),
+            ("ce", "ce"),
+            ("ce_teacher", "ce_teacher"),
+        ):
+            self.log(
+                f"{stage}/{name}", terms[key], on_step=on_step, on_epoch=not on_step,
+                batch_size=batch_size, sync_dist=sync,
+            )  # fmt: skip
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One distillation step on a training batch; logs ``train/*``."""
+        terms = self.distillation_loss(batch)
+        self._log_terms("train", terms, batch["input_ids"].shape[0])
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Loss terms on a validation batch; logs ``val/*`` epoch means."""
+        terms = self.distillation_loss(batch)
+        self._log_terms("val", terms, batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Loss terms on a test batch; logs ``test/*`` epoch means."""
+        terms = self.distillation_loss(batch)
+        self._log_terms("test", terms, batch["input_ids"].shape[0])
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The student's greedy next-token prediction at every position."""
+        return self(batch["input_ids"], batch.get("attention_mask")).argmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over the student's trainable parameters (never the teacher's)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen teacher's weights: they are reloaded from ``teacher``, not stored."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the current teacher's weights back so that strict loading still checks the rest."""
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.teacher.state_dict().items():
+            state.setdefault(f"teacher.{key}", value)

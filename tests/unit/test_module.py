@@ -1,0 +1,164 @@
+"""DistillationModule: frozen teacher, loss vs a float64 reference, checkpoints, vocab checks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_llama
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from lrkd.models.students import FromTeacherConfig
+from lrkd.module import DistillationModule
+
+
+def _batch(seed: int = 0, batch: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, 100, (batch, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0  # right padding in example 1
+    loss_mask = torch.zeros_like(input_ids)
+    loss_mask[0, 4:] = 1
+    loss_mask[1, 5:-3] = 1
+    loss_mask[2, 1:] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "weight": torch.tensor([1.0, 0.5, 2.0]),
+    }
+
+
+def _module(**kwargs) -> DistillationModule:
+    teacher = make_tiny_llama(seed=0)
+    student = kwargs.pop("student", None) or make_tiny_llama(
+        seed=1, hidden_size=32, num_attention_heads=2
+    )
+    return DistillationModule(teacher=teacher, student=student, **kwargs)
+
+
+def _reference_loss(module: DistillationModule, batch: dict[str, torch.Tensor], temperature: float):
+    """Weighted forward KL + CE by hand in float64, from the two models' logits."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        t = module.teacher(input_ids=ids, attention_mask=attn).logits.double()[:, :-1]
+    s = module.student(input_ids=ids, attention_mask=attn).logits.double()[:, :-1]
+    mask = (batch["loss_mask"][:, 1:] * attn[:, 1:]).double()
+    log_p = torch.log_softmax(t / temperature, -1)
+    log_q = torch.log_softmax(s / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) * mask
+    kd = (kl.sum(-1) * batch["weight"].double()).sum() / mask.sum()
+    nll = -torch.log_softmax(s, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ce = (nll * mask).sum() / mask.sum()
+    return kd, ce
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_loss_matches_float64_reference(temperature: float) -> None:
+    module = _module(temperature=temperature, ce_weight=0.3)
+    batch = _batch()
+    terms = module.distillation_loss(batch)
+    kd_ref, ce_ref = _reference_loss(module, batch, temperature)
+    torch.testing.assert_close(terms["kd"].double(), kd_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(terms["ce"].double(), ce_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(terms["loss"].double(), kd_ref + 0.3 * ce_ref, rtol=1e-5, atol=1e-7)
+
+    terms["loss"].backward()
+    student_grads = [p.grad for p in module.student.parameters()]
+    assert all(g is not None for g in student_grads)
+    assert all(p.grad is None for p in module.teacher.parameters())
+    module.student.zero_grad()
+    (kd_ref + 0.3 * ce_ref).backward()
+    for p, g in zip(module.student.parameters(), student_grads, strict=True):
+        torch.testing.assert_close(g, p.grad.to(g.dtype), rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_frozen_eval_and_outside_optimizer() -> None:
+    module = _module()
+    module.train()
+    assert module.student.training
+    assert not module.teacher.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    optimizer = module.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in module.student.parameters()}
+    assert not in_optimizer & {id(p) for p in module.teacher.parameters()}
+
+
+def test_student_builder_receives_teacher() -> None:
+    module = DistillationModule(
+        teacher=make_tiny_llama(seed=0),
+        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1),
+    )
+    config = module.student.config
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (32, 1, TINY_VOCAB)
+    # head_dim 16 as in the teacher (64 / 4), KV ratio 2 kept, FFN width scaled by 32/64.
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    assert config.intermediate_size == 64
+
+
+def test_checkpoint_excludes_teacher_and_resumes(tmp_path) -> None:
+    module = _module()
+    batches = [_batch(seed) for seed in range(4)]
+    trainer = Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert not module.teacher.training
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all(k.startswith("student.") for k in state)
+
+    fresh = _module()
+    fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"], strict=False)
+    checkpoint = torch.load(path, weights_only=False)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    for (name, a), b in zip(
+        module.student.state_dict().items(), fresh.student.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_fit_reduces_loss() -> None:
+    torch.manual_seed(0)
+    module = _module(optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    batch = _batch(0)
+    before = module.distillation_loss(batch)["loss"].item()
+    trainer = Trainer(
+        max_steps=30, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader([batch] * 30, batch_size=None))
+    after = module.distillation_loss(batch)["loss"].item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_unknown_divergence_names_field() -> None:
+    with pytest.raises(ValueError, match=r"model\.divergence='kl'.*forward_kl"):
+        _module(divergence="kl")
+
+
+def test_missing_teacher_path_names_field() -> None:
+    with pytest.raises(FileNotFoundError, match=r"model\.teacher='\./no/such/teacher'"):
+        DistillationModule(teacher="./no/such/teacher", student=make_tiny_llama(seed=1))
+
+
+def test_vocab_mismatch_fails_clearly() -> None:
+    student = make_tiny_llama(seed=1, vocab_size=64)
+    with pytest.raises(ValueError, match=r"Vocab mismatch.*teacher predicts 128.*student 64"):
+        _module(student=student)
+
+
+def test_padded_vocab_uses_shared_rows(caplog) -> None:
+    student = make_tiny_llama(seed=1, vocab_size=TINY_VOCAB + 16)
+    with caplog.at_level(logging.WARNING, logger="lrkd"):
+        module = _module(student=student, vocab_size=101)
+    assert module.shared_vocab == TINY_VOCAB
+    assert "padding" in caplog.text
+    terms = module.distillation_loss(_batch())
+    assert torch.isfinite(terms["loss"])
