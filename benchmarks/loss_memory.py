@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="Rows per chunk (default: automatic)."
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)."
+    )
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -84,6 +87,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, float]:
 
     from lrkd.losses import kd_divergence
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch, args.length, args.vocab)

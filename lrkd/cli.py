@@ -7,6 +7,7 @@ resolved config and ``lrkd fit --help`` every argument with its documentation.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -35,6 +36,8 @@ def main(args: ArgsType = None) -> LRKDCLI:
             ``["fit", "--config", "configs/quickstart.yaml"]``.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The frozen teacher is in eval mode on purpose; Lightning warns about any such module.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     return LRKDCLI(
         DistillationModule,
         LightningDataModule,

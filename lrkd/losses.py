@@ -20,16 +20,20 @@ Conventions:
   logits), probabilities that are exactly zero (e.g. from ``-inf`` logits) contribute zero, and
   values come back as per-token losses that are zero at masked-out positions.
 
-Memory: the logits are flattened to ``[N, V]`` rows and processed by a custom autograd function
-a chunk of rows at a time, in the forward pass and again in the backward pass, where each chunk
-is recomputed and differentiated on its own. Only the inputs are saved for backward, so the
-extra memory is the ``[N]`` outputs, the unavoidable ``[N, V]`` gradient in the input dtype, and
-a handful of float32 temporaries of one chunk; never a full ``[N, V]`` float32 tensor.
+Memory: the logits are viewed as ``[N, V]`` rows (without copying, also for views such as
+``logits[:, :-1]`` whose leading dimensions do not merge) and processed by a custom autograd
+function a chunk of rows at a time, in the forward pass and again in the backward pass, where
+each chunk is recomputed and differentiated on its own. Only the inputs are saved for backward,
+so the extra memory is the ``[N]`` outputs, the unavoidable ``[N, V]`` gradient in the input
+dtype, and a handful of float32 temporaries of one chunk; never a full ``[N, V]`` float32
+tensor. By default a chunk holds about ``2**24`` logits on accelerators and ``2**20`` on CPU.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Literal, get_args
@@ -56,8 +60,13 @@ DIVERGENCE_KINDS: tuple[str, ...] = get_args(DivergenceKind)
 Reduction = Literal["none", "sum", "mean", "per_example"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
-# Elements of one float32 temporary per chunk (64 MiB); rows per chunk = this // vocab size.
-_AUTO_CHUNK_ELEMENTS = 2**24
+# Elements of one float32 chunk temporary when chunk_size is None; rows per chunk = this // V.
+# Accelerators: 2**24 (64 MiB), large enough that kernel launches and the per-chunk mask check
+# stay cheap. CPU: 2**20 (4 MiB). glibc serves blocks up to 32 MiB from a heap that fragments
+# as chunk temporaries come and go (measured: ~+300 MiB peak RSS at 16-32 MiB temporaries), and
+# larger blocks from fresh mmaps that page-fault on every chunk; 4 MiB blocks avoid both.
+_AUTO_CHUNK_ELEMENTS_CPU = 2**20
+_AUTO_CHUNK_ELEMENTS_ACCELERATOR = 2**24
 
 RowFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -91,8 +100,8 @@ def kd_divergence(
             ``beta * KL(p || M) + (1 - beta) * KL(q || M)``. ``0`` gives forward KL and ``1``
             reverse KL, the limits of the JSD divided by ``beta`` and ``1 - beta``.
         skew_alpha: Skew in ``[0, 1)`` for the skewed KLs; ``0`` gives the plain KL.
-        chunk_size: Rows (tokens) per chunk; ``None`` picks ``max(1, 2**24 // V)``, about 64 MiB
-            per float32 temporary.
+        chunk_size: Rows (tokens) per chunk. ``None`` picks ``max(1, 2**24 // V)`` rows on
+            accelerators (about 64 MiB per float32 temporary) and ``max(1, 2**20 // V)`` on CPU.
         reduction: ``none`` returns per-token values of shape ``logits.shape[:-1]`` (zero where
             masked out); ``sum`` their sum; ``mean`` the sum over the number of unmasked tokens;
             ``per_example`` one such mean per index of the first dimension (shape ``[B]``), so
@@ -141,7 +150,7 @@ def chunked_cross_entropy(
             any value (e.g. ``-100``); unmasked ones must be in ``[0, V)``.
         mask: Tokens to include, broadcastable to ``logits.shape[:-1]``; bool or 0/1. ``None``
             includes every token.
-        chunk_size: Rows (tokens) per chunk; ``None`` picks ``max(1, 2**24 // V)``.
+        chunk_size: Rows (tokens) per chunk; ``None`` chooses as in :func:`kd_divergence`.
         reduction: ``none``, ``sum``, ``mean`` or ``per_example``, as in :func:`kd_divergence`.
 
     Returns:
@@ -164,7 +173,7 @@ def chunked_cross_entropy(
     batch_shape = logits.shape[:-1]
     keep = _broadcast_mask(mask, batch_shape, logits.device)
     # Masked-out targets (e.g. -100) are replaced by a valid index so gather never fails.
-    safe_targets = targets.masked_fill(~keep, 0).reshape(-1, 1)
+    safe_targets = targets.masked_fill(~keep, 0).unsqueeze(-1)
     compute_dtype = _compute_dtype(logits.dtype)
     return _chunked_loss(
         logits, safe_targets, keep, _cross_entropy_rows, compute_dtype, chunk_size, reduction
@@ -254,7 +263,9 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
-    """``log(weight * P + (1 - weight) * Q)`` for ``0 < weight < 1``, computed stably."""
+    """``log(weight * P + (1 - weight) * Q)`` for ``0 <= weight < 1``, computed stably."""
+    if weight == 0.0:
+        return log_q
     # Clamping -inf to the most negative finite value keeps logaddexp's gradient finite where
     # both probabilities are zero (its backward evaluates exp(-inf - -inf) there).
     floor = torch.finfo(log_p.dtype).min
@@ -288,8 +299,6 @@ def _divergence_rows(
     if kind == "jsd":
         log_m = _log_mixture(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    if skew_alpha == 0.0:
-        return _kl(log_p, log_q) if kind == "skew_forward_kl" else _kl(log_q, log_p)
     if kind == "skew_forward_kl":
         return _kl(log_p, _log_mixture(log_p, log_q, skew_alpha))
     if kind == "skew_reverse_kl":
@@ -364,20 +373,15 @@ def _chunked_loss(
         raise ValueError("reduction='per_example' needs logits with a batch dimension")
     vocab = student.shape[-1]
     if chunk_size is None:
-        chunk_size = max(1, _AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+        on_cpu = student.device.type == "cpu"
+        elements = _AUTO_CHUNK_ELEMENTS_CPU if on_cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
+        chunk_size = max(1, elements // max(vocab, 1))
     _check_chunk_size(chunk_size)
 
     keep = _broadcast_mask(mask, batch_shape, student.device)
-    # reshape is a view for contiguous inputs and for last-dimension slices of them.
     values = _ChunkedRowLoss.apply(
-        student.reshape(-1, vocab),
-        other.reshape(-1, other.shape[-1]),
-        keep.reshape(-1),
-        row_fn,
-        compute_dtype,
-        chunk_size,
-    )
-    values = values.reshape(batch_shape)
+        student, other, keep.reshape(-1), row_fn, compute_dtype, chunk_size
+    ).reshape(batch_shape)
 
     if reduction == "none":
         return values
@@ -385,17 +389,17 @@ def _chunked_loss(
         return values.sum()
     if reduction == "mean":
         return values.sum() / keep.sum().clamp_min(1)
-    per_example = values.reshape(batch_shape[0], -1).sum(-1)
-    counts = keep.reshape(batch_shape[0], -1).sum(-1).clamp_min(1)
-    return per_example / counts
+    examples = (batch_shape[0], math.prod(batch_shape[1:]))
+    return values.reshape(examples).sum(-1) / keep.reshape(examples).sum(-1).clamp_min(1)
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """Per-row loss over ``[N, V]`` rows that recomputes each chunk in backward.
+    """Per-row loss over the rows of ``[..., V]`` tensors that recomputes each chunk in backward.
 
-    Inputs: ``student`` rows ``[N, V]``, ``other`` rows (teacher logits ``[N, V]`` or integer
-    targets ``[N, 1]``), a bool ``keep`` mask ``[N]``, the row function, the compute dtype and the
-    rows per chunk. Output: ``[N]`` values in the compute dtype, zero where ``keep`` is false.
+    Inputs: ``student`` logits ``[..., V]``, ``other`` (teacher logits ``[..., V]`` or integer
+    targets ``[..., 1]``), a bool ``keep`` mask over the ``N`` flattened rows, the row function,
+    the compute dtype and the rows per chunk. Output: ``[N]`` values in the compute dtype, zero
+    where ``keep`` is false. Gradients come back contiguous, in each input's dtype.
     """
 
     @staticmethod
@@ -409,13 +413,14 @@ class _ChunkedRowLoss(torch.autograd.Function):
         chunk_rows: int,
     ) -> Tensor:
         # Autograd runs forward under no_grad, so the chunk temporaries are freed right away.
-        values = torch.zeros(student.shape[0], dtype=compute_dtype, device=student.device)
-        for rows in _chunks(student.shape[0], chunk_rows):
+        student_rows, other_rows = _Rows(student), _Rows(other)
+        values = torch.zeros(keep.shape[0], dtype=compute_dtype, device=student.device)
+        for rows in _chunks(chunk_rows, student_rows, other_rows):
             keep_rows = keep[rows]
             if not keep_rows.any():
                 continue
             chunk = row_fn(
-                _upcast(student[rows], compute_dtype), _upcast(other[rows], compute_dtype)
+                _upcast(student_rows[rows], compute_dtype), _upcast(other_rows[rows], compute_dtype)
             )
             # where rather than multiply, so garbage (inf/NaN) in masked-out rows cannot leak.
             values[rows] = torch.where(keep_rows, chunk, 0.0)
@@ -429,43 +434,80 @@ class _ChunkedRowLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_values: Tensor) -> tuple[Tensor | None, ...]:
         student, other, keep = ctx.saved_tensors
+        student_rows, other_rows = _Rows(student), _Rows(other)
         need_student, need_other = ctx.needs_input_grad[:2]
         grad_student = _new_grad(student) if need_student else None
         grad_other = _new_grad(other) if need_other else None
-        grads = [grad for grad in (grad_student, grad_other) if grad is not None]
+        grad_rows = [
+            grad.view(-1, grad.shape[-1]) for grad in (grad_student, grad_other) if grad is not None
+        ]
 
-        for rows in _chunks(student.shape[0], ctx.chunk_rows):
+        for rows in _chunks(ctx.chunk_rows, student_rows, other_rows):
             keep_rows = keep[rows]
             if not keep_rows.any():
-                for grad in grads:
+                for grad in grad_rows:
                     grad[rows].zero_()
                 continue
             with torch.enable_grad():
-                student_rows = _upcast(student[rows], ctx.compute_dtype).detach()
-                other_rows = _upcast(other[rows], ctx.compute_dtype).detach()
-                student_rows.requires_grad_(need_student)
-                other_rows.requires_grad_(need_other)
+                student_chunk = _upcast(student_rows[rows], ctx.compute_dtype).detach()
+                other_chunk = _upcast(other_rows[rows], ctx.compute_dtype).detach()
+                student_chunk.requires_grad_(need_student)
+                other_chunk.requires_grad_(need_other)
                 chunk_grads = torch.autograd.grad(
-                    ctx.row_fn(student_rows, other_rows),
-                    [x for x in (student_rows, other_rows) if x.requires_grad],
+                    ctx.row_fn(student_chunk, other_chunk),
+                    [x for x in (student_chunk, other_chunk) if x.requires_grad],
                     grad_outputs=torch.where(keep_rows, grad_values[rows], 0.0),
                 )
-            del student_rows, other_rows
+            del student_chunk, other_chunk
             masked_out = None if keep_rows.all() else ~keep_rows.unsqueeze(-1)
-            for grad, chunk_grad in zip(grads, chunk_grads, strict=True):
-                if masked_out is not None:
-                    chunk_grad.masked_fill_(masked_out, 0.0)
+            for grad, chunk_grad in zip(grad_rows, chunk_grads, strict=True):
                 grad[rows].copy_(chunk_grad)
+                if masked_out is not None:  # NaN/inf logits in masked-out rows stay out
+                    grad[rows].masked_fill_(masked_out, 0.0)
             del chunk_grads
         return grad_student, grad_other, None, None, None, None
 
 
-def _chunks(num_rows: int, chunk_rows: int) -> list[slice]:
-    return [slice(start, start + chunk_rows) for start in range(0, num_rows, chunk_rows)]
+class _Rows:
+    """The rows of a ``[..., D]`` tensor, flattened to ``[N, D]`` without copying.
+
+    ``reshape(-1, D)`` copies when the leading dimensions cannot be merged, as for
+    ``logits[:, :-1]`` (dropping the last position of every sequence). Such tensors are split
+    along their leading dimensions into blocks that are 2-D views, and a slice of rows is taken
+    from the block holding it, so slices must not cross block boundaries (see :func:`_chunks`).
+    """
+
+    def __init__(self, x: Tensor) -> None:
+        self.blocks = _row_blocks(x)
+        self.starts = list(itertools.accumulate((len(block) for block in self.blocks), initial=0))
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        index = bisect.bisect_right(self.starts, rows.start) - 1
+        offset = self.starts[index]
+        return self.blocks[index][rows.start - offset : rows.stop - offset]
+
+
+def _row_blocks(x: Tensor) -> list[Tensor]:
+    if x.dim() <= 2:
+        return [x.reshape(-1, x.shape[-1])]  # a view for 1-D and 2-D tensors
+    try:
+        return [x.view(-1, x.shape[-1])]
+    except RuntimeError:  # leading dimensions that do not merge: split the first one
+        return [block for sub in x.unbind(0) for block in _row_blocks(sub)]
+
+
+def _chunks(chunk_rows: int, *tensors: _Rows) -> list[slice]:
+    """Slices of at most ``chunk_rows`` rows that stay within every tensor's blocks."""
+    bounds = sorted({start for rows in tensors for start in rows.starts})
+    return [
+        slice(start, min(start + chunk_rows, end))
+        for begin, end in itertools.pairwise(bounds)
+        for start in range(begin, end, chunk_rows)
+    ]
 
 
 def _new_grad(x: Tensor) -> Tensor:
-    # Contiguous even when x is a strided view (e.g. a slice of a wider vocabulary).
+    # Contiguous, whatever x's strides, so that it can be viewed as [N, D] rows.
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

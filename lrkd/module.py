@@ -186,14 +186,18 @@ class DistillationModule(LightningModule):
         """
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
-        # Position i predicts token i + 1: targets and their mask start at 1.
-        mask = batch["loss_mask"][:, 1:].to(torch.bool)
+        # Position i predicts token i + 1. Shifting the targets and the mask (rather than slicing
+        # the logits) keeps the logits contiguous: a sliced [B, L-1, V] view would cost a second
+        # full-size gradient buffer in backward. The last position is never a target.
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        mask[:, :-1] = batch["loss_mask"][:, 1:].to(torch.bool)
         if attention_mask is not None:
-            mask = mask & attention_mask[:, 1:].to(torch.bool)
-        targets = input_ids[:, 1:]
+            mask[:, :-1] &= attention_mask[:, 1:].to(torch.bool)
+        targets = torch.zeros_like(input_ids)
+        targets[:, :-1] = input_ids[:, 1:]
         with torch.no_grad():
-            teacher_logits = model_logits(self.teacher, input_ids, attention_mask)[:, :-1]
-        student_logits = model_logits(self.student, input_ids, attention_mask)[:, :-1]
+            teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
+        student_logits = model_logits(self.student, input_ids, attention_mask)
         student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
 
         kd_tokens = kd_divergence(

@@ -328,6 +328,64 @@ def test_non_contiguous_slice_of_wider_vocab() -> None:
     assert (wide_student.grad[..., SHAPE[-1] :] == 0).all()
 
 
+def shifted(x: Tensor) -> Tensor:
+    """``x`` as ``logits[:, :-1]`` of a longer sequence: its leading dims cannot be merged."""
+    longer = torch.cat([x, torch.randn(x.shape[0], 1, x.shape[-1], dtype=x.dtype)], dim=1)
+    view = longer[:, :-1]
+    with pytest.raises(RuntimeError):
+        view.view(-1, x.shape[-1])
+    return view
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, None])
+@pytest.mark.parametrize("which", ["student", "both"])
+def test_shifted_logits_layout(which: str, chunk_size: int | None) -> None:
+    """The usual ``logits[:, :-1]`` call works, including chunks that straddle sequences."""
+    student, teacher, mask = make_inputs(seed=27)
+
+    def loss(s: Tensor, t: Tensor) -> Tensor:
+        return kd_divergence(s, t, "reverse_kl", 1.5, mask, chunk_size=chunk_size)
+
+    ref_out, ref_grad_s, ref_grad_t = value_and_grads(loss, student, teacher, teacher_grad=True)
+    base_student = shifted(student).detach().requires_grad_(True)
+    base_teacher = (shifted(teacher) if which == "both" else teacher).detach().requires_grad_(True)
+    out = loss(base_student, base_teacher)
+    (out * upstream_weights(out)).sum().backward()
+    torch.testing.assert_close(out.detach(), ref_out)
+    torch.testing.assert_close(base_student.grad, ref_grad_s)
+    torch.testing.assert_close(base_teacher.grad, ref_grad_t)
+
+    targets = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        chunked_cross_entropy(shifted(student), targets, mask, chunk_size=chunk_size),
+        chunked_cross_entropy(student, targets, mask, chunk_size=chunk_size),
+    )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "vocab_slice", "shifted"])
+def test_saves_only_the_inputs_for_backward(layout: str) -> None:
+    """No [N, V] intermediate (or copy of the logits) is kept alive between forward and backward."""
+    student, teacher, mask = make_inputs(seed=26)
+    if layout == "vocab_slice":
+        student = torch.cat([student, torch.zeros(*SHAPE[:-1], 4)], dim=-1)[..., : SHAPE[-1]]
+    elif layout == "shifted":
+        student, teacher = shifted(student), shifted(teacher)
+    student.requires_grad_(True)
+    saved: list[Tensor] = []
+
+    def pack(tensor: Tensor) -> Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = kd_divergence(student, teacher, "jsd", 2.0, mask, chunk_size=4, reduction="mean")
+    large = [tensor for tensor in saved if tensor.numel() >= SHAPE[0] * SHAPE[1] * 2]
+    assert large  # the inputs themselves
+    assert {tensor.data_ptr() for tensor in large} <= {student.data_ptr(), teacher.data_ptr()}
+    out.backward()
+    assert student.grad is not None
+
+
 def test_transposed_input() -> None:
     student, teacher, _ = make_inputs(seed=15)
     out = kd_divergence(student.transpose(0, 1), teacher.transpose(0, 1), "tvd")
