@@ -48,5 +48,10 @@ def main(args: ArgsType = None) -> LRKDCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``lrkd`` console script (exit status 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,93 @@
+"""The real built-in teacher (SmolLM2-135M-Instruct) in the DistillationModule and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lrkd.cli import main
+from lrkd.data.text import TextDataModule
+from lrkd.models.students import FromTeacherConfig
+from lrkd.module import DistillationModule
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def module() -> DistillationModule:
+    return DistillationModule(
+        teacher="smollm2-135m-instruct",
+        student=FromTeacherConfig(hidden_size=64, num_hidden_layers=2, seed=0),
+        ce_weight=0.5,
+    )
+
+
+def test_module_with_real_teacher(module: DistillationModule) -> None:
+    assert module.tokenizer is not None and len(module.tokenizer) == 49152
+    assert not module.teacher.training
+    assert module.student.config.vocab_size == 49152
+    dm = TextDataModule(seq_length=64, batch_size=2, builtin_documents=50)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    terms = module.distillation_loss(batch)
+    # The pretrained teacher predicts the built-in corpus far better than a random student.
+    assert terms["ce_teacher"] < 4.0 < terms["ce"]
+    assert terms["kd"] > 0
+    terms["loss"].backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_teacher_logits_match_plain_transformers(module: DistillationModule) -> None:
+    from lrkd.models.zoo import builtin_path
+
+    reference = AutoModelForCausalLM.from_pretrained(builtin_path("smollm2-135m-instruct")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
+    ids = tokenizer("Question: What is 6 times 7?\nAnswer:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        actual = module.teacher(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected)
+
+
+def test_cli_fit_with_real_teacher(tmp_path) -> None:
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "teacher": "smollm2-135m-instruct",
+            "student": {
+                "class_path": "lrkd.models.students.FromTeacherConfig",
+                "init_args": {"hidden_size": 64, "num_hidden_layers": 2, "seed": 0},
+            },
+            "divergence": "jsd",
+            "temperature": 2.0,
+        },
+        "data": {
+            "class_path": "lrkd.data.text.TextDataModule",
+            "init_args": {"seq_length": 32, "batch_size": 2, "builtin_documents": 100},
+        },
+        "trainer": {
+            "max_steps": 3,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "lrkd.callbacks.export.ExportStudent",
+                    "init_args": {"dirpath": str(tmp_path / "student")},
+                }
+            ],
+        },
+    }
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 3
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    assert tokenizer.chat_template is not None
+    out = student.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=4)
+    assert out.shape[1] >= 2
