@@ -76,3 +76,13 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     make_tiny_llama(seed=0).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason reported, when CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
