@@ -181,8 +181,8 @@ class DistillationModule(LightningModule):
 
         Returns:
             A dict with ``loss`` (to minimise), ``kd`` (the divergence term, before
-            ``kd_weight``), ``ce`` (the student's next-token cross-entropy) and
-            ``ce_teacher`` (the teacher's, for reference).
+            ``kd_weight``), ``ce`` (the student's next-token cross-entropy) and, in eval
+            mode, ``ce_teacher`` (the teacher's, for reference).
         """
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
@@ -222,12 +222,14 @@ class DistillationModule(LightningModule):
         ce = chunked_cross_entropy(
             student_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
         )
-        with torch.no_grad():
-            ce_teacher = chunked_cross_entropy(
-                teacher_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
-            )
         loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
-        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "ce_teacher": ce_teacher}
+        terms = {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
+        if not self.training:  # a reference level for evaluation, not worth a pass per step
+            with torch.no_grad():
+                terms["ce_teacher"] = chunked_cross_entropy(
+                    teacher_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
+                )
+        return terms
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         on_step = stage == "train"
@@ -236,13 +238,10 @@ class DistillationModule(LightningModule):
             f"{stage}/loss", terms["loss"], prog_bar=True, on_step=on_step, on_epoch=not on_step,
             batch_size=batch_size, sync_dist=sync,
         )  # fmt: skip
-        for name, key in (
-            (f"kd_{self.divergence}", "kd"),
-            ("ce", "ce"),
-            ("ce_teacher", "ce_teacher"),
-        ):
+        names = {"kd": f"kd_{self.divergence}", "ce": "ce", "ce_teacher": "ce_teacher"}
+        for key in terms.keys() & names.keys():
             self.log(
-                f"{stage}/{name}", terms[key], on_step=on_step, on_epoch=not on_step,
+                f"{stage}/{names[key]}", terms[key], on_step=on_step, on_epoch=not on_step,
                 batch_size=batch_size, sync_dist=sync,
             )  # fmt: skip
 

@@ -32,9 +32,15 @@ def test_module_with_real_teacher(module: DistillationModule) -> None:
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        reference = module.distillation_loss(batch)
+    module.train()
     terms = module.distillation_loss(batch)
+    assert "ce_teacher" not in terms  # evaluation only
+    torch.testing.assert_close(terms["loss"], reference["loss"])
     # The pretrained teacher predicts the built-in corpus far better than a random student.
-    assert terms["ce_teacher"] < 4.0 < terms["ce"]
+    assert reference["ce_teacher"] < 4.0 < terms["ce"]
     assert terms["kd"] > 0
     terms["loss"].backward()
     assert all(p.grad is None for p in module.teacher.parameters())
