@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lrkd.losses import DIVERGENCE_KINDS, chunked_cross_entropy, kd_divergence
+from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
 
@@ -85,10 +85,14 @@ class DistillationModule(LightningModule):
                 f"model.divergence={divergence!r} is not a known divergence; "
                 f"choose one of {', '.join(DIVERGENCE_KINDS)}."
             )
-        if temperature <= 0:
-            raise ValueError(f"model.temperature must be > 0, got {temperature}.")
-        if not 0.0 <= jsd_beta <= 1.0:
-            raise ValueError(f"model.jsd_beta must be in [0, 1], got {jsd_beta}.")
+        try:
+            self.kd_loss = KDDivergence(
+                divergence, temperature, beta=jsd_beta, skew_alpha=skew_alpha, chunk_size=chunk_size
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"model: {err} (see model.temperature, jsd_beta, skew_alpha)."
+            ) from err
         if teacher_dtype not in (*_DTYPES, "auto"):
             raise ValueError(
                 f"model.teacher_dtype={teacher_dtype!r}; choose auto, {', '.join(_DTYPES)}."
@@ -97,14 +101,9 @@ class DistillationModule(LightningModule):
             ignore=["student", "optimizer", "lr_scheduler"]
             + ([] if isinstance(teacher, str) else ["teacher"])
         )
-        self.divergence = divergence
-        self.temperature = temperature
         self.scale_by_temperature_squared = scale_by_temperature_squared
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
-        self.jsd_beta = jsd_beta
-        self.skew_alpha = skew_alpha
-        self.chunk_size = chunk_size
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
@@ -200,16 +199,7 @@ class DistillationModule(LightningModule):
         student_logits = model_logits(self.student, input_ids, attention_mask)
         student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
 
-        kd_tokens = kd_divergence(
-            student_logits,
-            teacher_logits,
-            self.divergence,
-            self.temperature,
-            mask,
-            beta=self.jsd_beta,
-            skew_alpha=self.skew_alpha,
-            chunk_size=self.chunk_size,
-        )
+        kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
         n_tokens = mask.sum().clamp_min(1)
         kd_per_example = kd_tokens.sum(dim=-1)
         weight = batch.get("weight")
@@ -217,17 +207,21 @@ class DistillationModule(LightningModule):
             kd_per_example = kd_per_example * weight.to(kd_per_example.dtype)
         kd = kd_per_example.sum() / n_tokens
         if self.scale_by_temperature_squared:
-            kd = kd * self.temperature**2
+            kd = kd * self.kd_loss.temperature**2
 
         ce = chunked_cross_entropy(
-            student_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
+            student_logits, targets, mask, chunk_size=self.kd_loss.chunk_size, reduction="mean"
         )
         loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
         terms = {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
         if not self.training:  # a reference level for evaluation, not worth a pass per step
             with torch.no_grad():
                 terms["ce_teacher"] = chunked_cross_entropy(
-                    teacher_logits, targets, mask, chunk_size=self.chunk_size, reduction="mean"
+                    teacher_logits,
+                    targets,
+                    mask,
+                    chunk_size=self.kd_loss.chunk_size,
+                    reduction="mean",
                 )
         return terms
 
@@ -238,7 +232,7 @@ class DistillationModule(LightningModule):
             f"{stage}/loss", terms["loss"], prog_bar=True, on_step=on_step, on_epoch=not on_step,
             batch_size=batch_size, sync_dist=sync,
         )  # fmt: skip
-        names = {"kd": f"kd_{self.divergence}", "ce": "ce", "ce_teacher": "ce_teacher"}
+        names = {"kd": f"kd_{self.kd_loss.kind}", "ce": "ce", "ce_teacher": "ce_teacher"}
         for key in terms.keys() & names.keys():
             self.log(
                 f"{stage}/{names[key]}", terms[key], on_step=on_step, on_epoch=not on_step,
