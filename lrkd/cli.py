@@ -2,12 +2,16 @@
 
 ``lrkd fit|validate|test|predict --config CONFIG.yaml``; ``--print_config`` prints the whole
 resolved config and ``lrkd fit --help`` every argument with its documentation.
+``lrkd export --ckpt_path CKPT --out DIR`` writes a checkpoint's student as a plain Hugging Face
+model directory (a low-rank clone is materialised first).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -28,16 +32,76 @@ class LRKDCLI(LightningCLI):
     """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``."""
 
 
-def main(args: ArgsType = None) -> LRKDCLI:
+def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "float32") -> Path:
+    """Write the student of a ``lrkd fit`` checkpoint as a Hugging Face model directory.
+
+    The student is rebuilt from the config recorded in the checkpoint, its trained weights are
+    loaded, a low-rank clone is multiplied out into a plain model, and the model is written
+    with the teacher's tokenizer. The result loads with ``AutoModelForCausalLM.from_pretrained``
+    without lrkd.
+
+    Args:
+        ckpt_path: a checkpoint written by ``lrkd fit`` (e.g. ``runs/x/checkpoints/last.ckpt``).
+        out: the output directory.
+        teacher: load the teacher from here instead of the location recorded in the
+            checkpoint (e.g. after moving to another machine).
+        dtype: dtype of the written weights: ``float32`` or ``bfloat16``.
+    """
+    import torch
+
+    from lrkd.callbacks.export import export_student
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file.")
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False).get(
+        "hyper_parameters", {}
+    )
+    if "student" not in hparams:
+        raise ValueError(
+            f"{ckpt_path} does not record how its student was built (it was not written by "
+            "`lrkd fit`). Load the module in Python and call "
+            "lrkd.callbacks.export.export_student(module.student, out, tokenizer)."
+        )
+    overrides: dict[str, Any] = {"teacher_dtype": "float32"}
+    if teacher is not None:
+        overrides["teacher"] = teacher
+    module = DistillationModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    path = export_student(module.student, out, module.tokenizer, dtype=dtypes[dtype])
+    logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, path)
+    return path
+
+
+def _export_main(argv: list[str]) -> Path:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lrkd export",
+        description="Write the student of a `lrkd fit` checkpoint as a plain Hugging Face model.",
+    )
+    parser.add_function_arguments(export)
+    return export(**parser.parse_args(argv).as_dict())
+
+
+def main(args: ArgsType = None) -> LRKDCLI | Path:
     """Entry point of the ``lrkd`` console script.
 
     Args:
         args: command-line arguments (``None`` reads ``sys.argv``), e.g.
-            ``["fit", "--config", "configs/quickstart.yaml"]``.
+            ``["fit", "--config", "configs/quickstart.yaml"]`` or
+            ``["export", "--ckpt_path", "last.ckpt", "--out", "student/"]``.
+
+    Returns:
+        The LightningCLI, or for ``export`` the written directory.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The frozen teacher is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv and argv[0] == "export":
+        return _export_main(argv[1:])
     return LRKDCLI(
         DistillationModule,
         LightningDataModule,

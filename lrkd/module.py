@@ -50,6 +50,9 @@ class DistillationModule(LightningModule):
             keeps gradient magnitudes comparable across temperatures.
         kd_weight: weight of the divergence term.
         ce_weight: weight of the student's next-token cross-entropy on the data (0 disables).
+        clone_weight: weight alpha of the activation clone loss, for a student that runs
+            alongside the teacher and reports one (``lrkd.models.lowrank.LowRankClone``); its
+            terms are chosen on the student (``clone_terms``). 0 disables it.
         jsd_beta: mixture weight of the teacher in ``jsd``; 0 is forward KL, 1 reverse KL.
         skew_alpha: skew of the ``skew_*`` divergences.
         chunk_size: tokens per chunk in the loss; ``None`` picks about 64 MB per fp32 chunk.
@@ -71,6 +74,7 @@ class DistillationModule(LightningModule):
         scale_by_temperature_squared: bool = False,
         kd_weight: float = 1.0,
         ce_weight: float = 0.0,
+        clone_weight: float = 0.0,
         jsd_beta: float = 0.5,
         skew_alpha: float = 0.1,
         chunk_size: int | None = None,
@@ -97,13 +101,17 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"model.teacher_dtype={teacher_dtype!r}; choose auto, {', '.join(_DTYPES)}."
             )
+        # Under LightningCLI the hyperparameters are the config (class paths and arguments), so
+        # a checkpoint records how to rebuild the student (``lrkd export`` relies on it).
+        # Built in Python, the objects themselves are not worth saving.
+        objects = [] if _under_cli() else ["student", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(
-            ignore=["student", "optimizer", "lr_scheduler"]
-            + ([] if isinstance(teacher, str) else ["teacher"])
+            ignore=objects + ([] if isinstance(teacher, str) else ["teacher"])
         )
         self.scale_by_temperature_squared = scale_by_temperature_squared
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
+        self.clone_weight = clone_weight
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
@@ -123,6 +131,18 @@ class DistillationModule(LightningModule):
             if getattr(getattr(model, "config", None), "use_cache", None):
                 model.config.use_cache = False  # no KV cache while training
         self.shared_vocab = self._check_vocab(vocab_size)
+        self.co_run = _runs_with_teacher(self.student)
+        if clone_weight and not self.co_run:
+            raise ValueError(
+                f"model.clone_weight={clone_weight}, but the student "
+                f"({type(self.student).__name__}) has no activation clone loss; use "
+                "lrkd.models.lowrank.LowRankCloneBuilder or set clone_weight: 0."
+            )
+        if self.co_run and getattr(self.student, "teacher", None) is not self.teacher:
+            raise ValueError(
+                "model.student runs alongside a teacher that is not model.teacher; build it with "
+                "a StudentBuilder (e.g. LowRankCloneBuilder) so both share one frozen teacher."
+            )
 
     def _check_vocab(self, vocab_size: int | None) -> int | None:
         """Return the number of logits to keep, or None to keep all; fail on a real mismatch."""
@@ -194,9 +214,15 @@ class DistillationModule(LightningModule):
             mask[:, :-1] &= attention_mask[:, 1:].to(torch.bool)
         targets = torch.zeros_like(input_ids)
         targets[:, :-1] = input_ids[:, 1:]
-        with torch.no_grad():
-            teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
-        student_logits = model_logits(self.student, input_ids, attention_mask)
+        clone_losses: dict[str, torch.Tensor] = {}
+        if self.co_run:  # one pass, teacher and student layer by layer (e.g. a low-rank clone)
+            out = self.student(input_ids, attention_mask, with_teacher=True)
+            student_logits, teacher_logits = out.logits, out.teacher_logits
+            clone_losses = out.clone_losses
+        else:
+            with torch.no_grad():
+                teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
+            student_logits = model_logits(self.student, input_ids, attention_mask)
         student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
 
         kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
@@ -214,6 +240,12 @@ class DistillationModule(LightningModule):
         )
         loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
         terms = {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
+        if clone_losses:
+            clone = torch.stack(list(clone_losses.values())).sum()
+            if self.clone_weight:
+                terms["loss"] = loss + self.clone_weight * clone
+            terms["clone"] = clone.detach()
+            terms.update({f"clone_{k}": v.detach() for k, v in clone_losses.items()})
         if not self.training:  # a reference level for evaluation, not worth a pass per step
             with torch.no_grad():
                 terms["ce_teacher"] = chunked_cross_entropy(
@@ -233,7 +265,8 @@ class DistillationModule(LightningModule):
             batch_size=batch_size, sync_dist=sync,
         )  # fmt: skip
         names = {"kd": f"kd_{self.kd_loss.kind}", "ce": "ce", "ce_teacher": "ce_teacher"}
-        for key in terms.keys() & names.keys():
+        names.update({k: k for k in terms if k.startswith("clone")})
+        for key in sorted(terms.keys() & names.keys()):
             self.log(
                 f"{stage}/{names[key]}", terms[key], on_step=on_step, on_epoch=not on_step,
                 batch_size=batch_size, sync_dist=sync,
@@ -259,6 +292,23 @@ class DistillationModule(LightningModule):
         """The student's greedy next-token prediction at every position."""
         return self(batch["input_ids"], batch.get("attention_mask")).argmax(dim=-1)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn a weight-generating student's accumulated gradients into its parameters'
+        gradients (once per optimizer step, after all micro-batches)."""
+        flush = getattr(self.student, "flush_weight_grads", None)
+        if callable(flush):
+            flush()
+
+    def setup(self, stage: str) -> None:
+        """Refuse fp16 mixed precision for weight-generating students (use bf16)."""
+        trainer = getattr(self, "_trainer", None)
+        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+        if getattr(self.student, "cache_weights", False) and precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision={precision}: a student with cached generated weights "
+                "(LowRankClone) does not support fp16 loss scaling; use bf16-mixed or 32."
+            )
+
     def configure_optimizers(self) -> Any:
         """The optimizer over the student's trainable parameters (never the teacher's)."""
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -282,3 +332,23 @@ class DistillationModule(LightningModule):
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.teacher.state_dict().items():
             state.setdefault(f"teacher.{key}", value)
+
+
+def _runs_with_teacher(student: nn.Module) -> bool:
+    """Whether ``student`` runs alongside the teacher (``forward(..., with_teacher=True)``)."""
+    import inspect
+
+    forward = getattr(student, "forward", None)
+    try:
+        return forward is not None and "with_teacher" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _under_cli() -> bool:
+    """Whether LightningCLI is instantiating this module from a config (Lightning >= 2.3)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older Lightning: objects are never saved
+        return False
+    return _given_hyperparameters.get() is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -13,16 +15,30 @@ from torch import nn
 log = logging.getLogger("lrkd")
 
 
-def export_student(student: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def export_student(
+    student: nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Save ``student`` (and ``tokenizer``) as a directory ``from_pretrained`` loads.
 
     A student with a ``materialize()`` method (e.g. a low-rank clone) is materialised into a
     plain model first.
 
+    Args:
+        student: the trained student.
+        out_dir: the output directory (created if needed).
+        tokenizer: saved alongside when given.
+        dtype: cast the written weights (the student itself is not changed); ``None`` keeps
+            them.
+
     Raises:
         TypeError: the student is neither a Hugging Face model nor materialisable into one.
     """
     model = student.materialize() if hasattr(student, "materialize") else student
+    if dtype is not None and hasattr(model, "save_pretrained"):
+        model = copy.deepcopy(model).to(dtype) if model is student else model.to(dtype)
     if not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"cannot export a {type(model).__name__} as a Hugging Face model: it has no "

@@ -1,0 +1,862 @@
+"""Low-Rank Clone (LRC): a student whose weights are generated from the frozen teacher.
+
+For every decoder layer ``i`` and every linear ``m`` in q, k, v, o, gate, up, down there is a
+trained projection ``P[i, m]`` of shape ``(d_T, d_S)`` acting on the hidden side of the teacher's
+weight (``nn.Linear`` weights are ``[out, in]``)::
+
+    q, k, v, gate, up (hidden is the input):   W_S = W_T @ P              [out, d_S]
+    o, down           (hidden is the output):  W_S = P^T @ W_T            [d_S, in]
+    embedding and LM head:                     E_S = E_T @ P_emb          [vocab, d_S]
+
+Only the hidden size shrinks; layer count, heads, head_dim, FFN width and vocabulary stay the
+teacher's. Trainable: the projections and the student's RMSNorm gains. The teacher's weights are
+referenced (never copied) and stay frozen.
+
+The student runs through the teacher family's own transformers decoder layers (attention, RoPE,
+GQA, masks, sdpa): the clone holds a set of decoder layers built from the student config whose
+linear weights are replaced by the generated tensors. Teacher and student run layer by layer
+together so that the activation clone loss of layer ``i`` is taken as soon as both activations
+exist; the teacher's activations are never kept for all layers.
+
+``materialize()`` multiplies the projections out once and returns a plain transformers model of
+the teacher's family with ``hidden_size = d_S`` and an explicit ``head_dim``.
+
+Weight generation costs ``d_out * d_T * d_S`` multiply-adds per weight, independent of the
+batch. With ``cache_weights=True`` the generated weights are made once per optimizer step (as
+leaf tensors that accumulate gradients over micro-batches) and
+:meth:`LowRankClone.flush_weight_grads` turns those gradients into projection gradients once,
+just before the optimizer step (the DistillationModule calls it).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lrkd.models.students import StudentBuilder
+
+log = logging.getLogger("lrkd")
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+"""``config.model_type`` values LowRankClone supports (Llama covers SmolLM2 and Llama-3.x)."""
+
+CLONE_TERMS: tuple[str, ...] = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
+"""Activation clone terms: pre-RoPE q/k/v, gate and up pre-activations, attention output
+(o_proj) and FFN output (down_proj)."""
+
+CLONE_LOSSES: tuple[str, ...] = ("mse", "relative_mse")
+"""Per-term clone loss: plain MSE (the paper), or MSE over the target's mean square."""
+
+INITS: tuple[str, ...] = ("normal", "embedding_pca", "activation_pca")
+"""Projection initialisations; see :class:`LowRankClone`."""
+
+# (student module path inside a decoder layer, projection key, side).
+# "in": the hidden side is the weight's input; "out": the hidden side is its output.
+_LAYER_LINEARS: tuple[tuple[str, str, str], ...] = (
+    ("self_attn.q_proj", "q", "in"),
+    ("self_attn.k_proj", "k", "in"),
+    ("self_attn.v_proj", "v", "in"),
+    ("self_attn.o_proj", "o", "out"),
+    ("mlp.gate_proj", "gate", "in"),
+    ("mlp.up_proj", "up", "in"),
+    ("mlp.down_proj", "down", "out"),
+)
+# Which linear's output each clone term compares, and whether it lives in the hidden space
+# (then the teacher's side is mapped into student space by that linear's projection).
+_TERM_TAPS: dict[str, tuple[str, bool]] = {
+    "q": ("self_attn.q_proj", False),
+    "k": ("self_attn.k_proj", False),
+    "v": ("self_attn.v_proj", False),
+    "gate": ("mlp.gate_proj", False),
+    "up": ("mlp.up_proj", False),
+    "attn_out": ("self_attn.o_proj", True),
+    "ffn_out": ("mlp.down_proj", True),
+}
+_TERM_PROJ = {"attn_out": "o", "ffn_out": "down"}
+
+
+@dataclass
+class LowRankCloneOutput:
+    """What :meth:`LowRankClone.forward` returns.
+
+    Attributes:
+        logits: the student's logits [B, L, V].
+        teacher_logits: the teacher's logits [B, L, V] (no grad) when run with the teacher.
+        clone_losses: per clone term, the MSE summed over layers (empty without the teacher).
+    """
+
+    logits: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    clone_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Generated:
+    """How one student tensor is made: ``kind`` "in" (W @ P), "out" (P^T @ W), "bias_out"
+    (b @ P) from a teacher tensor and a projection, or "copy" (the teacher's tensor as is)."""
+
+    module: nn.Module | None  # None: the embedding / LM head (used directly, not installed)
+    attr: str
+    teacher: torch.Tensor
+    kind: str
+    projection: nn.Parameter | None
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _generate(spec: _Generated) -> torch.Tensor:
+    if spec.kind == "copy":
+        return spec.teacher
+    p = spec.projection
+    w = spec.teacher.to(p.dtype)
+    if spec.kind == "in":
+        return w @ p
+    if spec.kind == "out":
+        return p.t() @ w
+    return w @ p  # bias_out: [d_T] @ [d_T, d_S]
+
+
+def _projection_grad(spec: _Generated, grad: torch.Tensor) -> torch.Tensor:
+    """d loss / d P from d loss / d (generated tensor); generation is linear in P."""
+    w = spec.teacher.to(grad.dtype)
+    if spec.kind == "in":
+        return w.t() @ grad
+    if spec.kind == "out":
+        return w @ grad.t()
+    return torch.outer(w, grad)
+
+
+def _family_check(teacher: nn.Module) -> Any:
+    config = getattr(teacher, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        got = f"model_type={model_type!r}" if model_type else f"a {type(teacher).__name__}"
+        raise ValueError(
+            f"LowRankClone supports teachers of the families {', '.join(SUPPORTED_FAMILIES)} "
+            f"(transformers config.model_type); got {got}. Use a plain student "
+            "(lrkd.models.students.FromTeacherConfig or your own class_path) for this teacher."
+        )
+    base = getattr(teacher, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(teacher, "lm_head"):
+        raise ValueError(
+            f"LowRankClone needs a transformers *ForCausalLM teacher with .model.layers and "
+            f".lm_head; got {type(teacher).__name__}."
+        )
+    return config
+
+
+def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
+    """The Hugging Face config of a clone: the teacher's with ``hidden_size`` and explicit
+    ``head_dim`` (attention keeps the teacher's heads and head width)."""
+    config = copy.deepcopy(teacher_config)
+    for key in ("quantization_config", "_name_or_path"):
+        if hasattr(config, key):
+            delattr(config, key)
+    head_dim = getattr(teacher_config, "head_dim", None) or (
+        teacher_config.hidden_size // teacher_config.num_attention_heads
+    )
+    config.head_dim = head_dim
+    config.hidden_size = hidden_size
+    config.use_cache = True
+    return config
+
+
+def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in kwargs.items() if k in params or k != "cache_position"}
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _masked_mse(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    relative: bool = False,
+) -> torch.Tensor:
+    """Mean squared error over the elements of the tokens ``token_mask`` selects; with
+    ``relative``, divided by the target's mean square (computed without gradient).
+
+    Only the difference is kept for backward (not the teacher's activation).
+    """
+    diff = student.float() - target.float()
+    if token_mask is None:
+        mse = diff.pow(2).mean()
+    else:
+        n = token_mask.sum().clamp_min(1)
+        mse = (diff.pow(2).mean(dim=-1) * token_mask).sum() / n
+    if relative:
+        with torch.no_grad():
+            t2 = target.float().pow(2)
+            power = t2.mean() if token_mask is None else (t2.mean(-1) * token_mask).sum() / n
+        mse = mse / power.clamp_min(1e-12)
+    return mse
+
+
+class LowRankClone(nn.Module):
+    """A student generated from a frozen teacher by trained low-rank projections (LRC).
+
+    Args:
+        teacher: the frozen teacher, a transformers causal LM of a supported family
+            (``llama`` incl. SmolLM2 and Llama-3.x, ``mistral``, ``qwen2``, ``qwen3``). It is
+            referenced, not copied, and not registered as a submodule (so it is not in this
+            module's state_dict or parameters); move it together with the clone.
+        hidden_size: the student's hidden size d_S (the rank), at most the teacher's.
+        init: projection initialisation: ``normal`` (the paper: every P ~ N(0, init_std)),
+            ``embedding_pca`` (every P = the top-d_S right singular vectors of the teacher's
+            embedding matrix), or ``activation_pca`` (the top-d_S principal directions of the
+            teacher's normalised residual stream on a probe batch, with the teacher's norm
+            gains and the residual-norm ratio folded in so the initial student computes the
+            teacher restricted to that subspace; see docs/lowrank.md).
+        init_std: standard deviation of the ``normal`` init.
+        probe_input_ids: token ids [B, L] for ``activation_pca``; ``None`` uses
+            ``probe_texts`` with the teacher's tokenizer.
+        probe_texts: texts for ``activation_pca`` when no ``probe_input_ids``; ``None`` uses
+            the built-in generated corpus.
+        probe_tokens: about how many probe tokens ``activation_pca`` uses.
+        clone_terms: which activation clone terms to compute (subset of
+            ``q, k, v, gate, up, attn_out, ffn_out``); empty disables the clone loss.
+        clone_loss: ``mse`` (the paper: mean squared error per term and layer) or
+            ``relative_mse`` (each term's MSE divided by the teacher activation's mean square,
+            so that layers with very large activations do not dominate).
+        clone_target_grad: let the clone loss's gradient also flow through the projection
+            that maps the teacher's attention/FFN outputs into student space (as the official
+            code does). ``False`` treats the mapped teacher output as a fixed target, which
+            also avoids keeping the teacher's hidden-width activations for backward.
+        gradient_checkpointing: recompute each (teacher layer, student layer) pair in
+            backward instead of storing the student layer's activations.
+        cache_weights: generate the weights once per optimizer step (the caller must call
+            :meth:`flush_weight_grads` before each optimizer step; the DistillationModule
+            does). ``False`` generates them inside autograd on every forward.
+        seed: seed of the ``normal`` init; ``None`` uses the global RNG.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        hidden_size: int,
+        init: str = "normal",
+        init_std: float = 0.02,
+        probe_input_ids: torch.Tensor | None = None,
+        probe_texts: Sequence[str] | None = None,
+        probe_tokens: int = 8192,
+        clone_terms: Sequence[str] = CLONE_TERMS,
+        clone_loss: str = "mse",
+        clone_target_grad: bool = False,
+        gradient_checkpointing: bool = False,
+        cache_weights: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if clone_loss not in CLONE_LOSSES:
+            raise ValueError(
+                f"LowRankClone: clone_loss={clone_loss!r}; choose one of {', '.join(CLONE_LOSSES)}."
+            )
+        self.clone_loss = clone_loss
+        t_config = _family_check(teacher)
+        d_teacher = t_config.hidden_size
+        if not 0 < hidden_size <= d_teacher:
+            raise ValueError(
+                f"LowRankClone: hidden_size={hidden_size} must be between 1 and the teacher's "
+                f"hidden size {d_teacher} (the clone projects the teacher's hidden side down)."
+            )
+        if init not in INITS:
+            raise ValueError(f"LowRankClone: init={init!r}; choose one of {', '.join(INITS)}.")
+        unknown = [t for t in clone_terms if t not in CLONE_TERMS]
+        if unknown:
+            raise ValueError(
+                f"LowRankClone: unknown clone_terms {unknown}; "
+                f"choose from {', '.join(CLONE_TERMS)}."
+            )
+        self._teacher = [teacher]  # a reference, deliberately not a registered submodule
+        self.hidden_size = hidden_size
+        self.clone_terms = tuple(clone_terms)
+        self.clone_target_grad = clone_target_grad
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cache_weights = cache_weights
+        self.tied = bool(getattr(t_config, "tie_word_embeddings", False))
+        self.config = student_config_for(t_config, hidden_size)
+
+        from transformers import AutoModelForCausalLM
+
+        attn = getattr(t_config, "_attn_implementation", None) or "sdpa"
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                self.config, attn_implementation=attn, dtype=torch.float32
+            )
+        self.layers = skeleton.model.layers
+        self.norm = skeleton.model.norm
+
+        device = teacher.lm_head.weight.device
+        projections = []
+        for _ in range(t_config.num_hidden_layers):
+            projections.append(
+                nn.ParameterDict(
+                    {
+                        key: nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
+                        for _, key, _ in _LAYER_LINEARS
+                    }
+                )
+            )
+        self.projections = nn.ModuleList(projections)
+        self.embed_projection = nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
+        self.head_projection = (
+            None if self.tied else nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
+        )
+        self._specs = self._build_specs(device)
+        self._cache: dict[int, torch.Tensor] | None = None
+        self._cache_key: tuple[Any, ...] | None = None
+        self._taps: dict[str, torch.Tensor] | None = None
+        self._register_taps()
+
+        if init == "normal":
+            self._init_normal(init_std, seed)
+        elif init == "embedding_pca":
+            self._init_embedding_pca()
+        else:
+            self._init_activation_pca(probe_input_ids, probe_texts, probe_tokens)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher this clone is generated from."""
+        return self._teacher[0]
+
+    def _build_specs(self, device: torch.device) -> list[_Generated]:
+        """Strip the skeleton's linear weights and record how each student tensor is made."""
+        teacher = self.teacher
+        specs: list[_Generated] = []
+        for i, layer in enumerate(self.layers):
+            t_layer = teacher.model.layers[i]
+            for path, key, side in _LAYER_LINEARS:
+                s_lin, t_lin = _get(layer, path), _get(t_layer, path)
+                del s_lin.weight
+                proj = self.projections[i][key]
+                specs.append(_Generated(s_lin, "weight", t_lin.weight, side, proj))
+                if getattr(t_lin, "bias", None) is not None:
+                    del s_lin.bias
+                    kind = "copy" if side == "in" else "bias_out"
+                    proj = None if side == "in" else self.projections[i][key]
+                    specs.append(_Generated(s_lin, "bias", t_lin.bias, kind, proj))
+                elif "bias" in s_lin._parameters:
+                    del s_lin.bias
+                    s_lin.bias = None
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                norm = getattr(layer, name)
+                norm.weight = nn.Parameter(torch.ones(self.hidden_size, device=device))
+            for name in ("q_norm", "k_norm"):  # qwen3: head-space norms keep the teacher's gains
+                if hasattr(layer.self_attn, name):
+                    t_gain = getattr(t_layer.self_attn, name).weight
+                    getattr(layer.self_attn, name).weight = nn.Parameter(
+                        t_gain.detach().to(device=device, dtype=torch.float32).clone()
+                    )
+        self.norm.weight = nn.Parameter(torch.ones(self.hidden_size, device=device))
+        self._embed_index = len(specs)
+        t_embed = teacher.model.embed_tokens.weight
+        specs.append(_Generated(None, "embed", t_embed, "in", self.embed_projection))
+        self._head_index = None
+        if self.head_projection is not None:
+            self._head_index = len(specs)
+            specs.append(
+                _Generated(None, "head", teacher.lm_head.weight, "in", self.head_projection)
+            )
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_meta:
+                raise RuntimeError(f"LowRankClone: unhandled student tensor {name}")
+        return specs
+
+    def _register_taps(self) -> None:
+        taps = {path for path, _ in _TERM_TAPS.values()}
+        for side, layers in (("teacher", self.teacher.model.layers), ("student", self.layers)):
+            for layer in layers:
+                for path in taps:
+                    _get(layer, path).register_forward_hook(self._tap_hook(f"{side}.{path}"))
+
+    def _tap_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self._taps is not None:
+                self._taps[name] = output
+
+        return hook
+
+    # ------------------------------------------------------------------ initialisation
+    def all_projections(self) -> list[nn.Parameter]:
+        """Every projection parameter (per-layer ones, embedding, and LM head if untied)."""
+        params = [p for d in self.projections for p in d.values()]
+        params.append(self.embed_projection)
+        if self.head_projection is not None:
+            params.append(self.head_projection)
+        return params
+
+    @torch.no_grad()
+    def _init_normal(self, std: float, seed: int | None) -> None:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        for p in self.all_projections():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+    @torch.no_grad()
+    def _init_embedding_pca(self) -> None:
+        embedding = self.teacher.model.embed_tokens.weight.detach().float()
+        basis = torch.linalg.svd(embedding, full_matrices=False).Vh[: self.hidden_size].t()
+        for p in self.all_projections():
+            p.copy_(basis)
+
+    @torch.no_grad()
+    def _init_activation_pca(
+        self,
+        probe_input_ids: torch.Tensor | None,
+        probe_texts: Sequence[str] | None,
+        probe_tokens: int,
+    ) -> None:
+        teacher = self.teacher
+        if probe_input_ids is None:
+            probe_input_ids = _probe_batch(teacher, probe_texts, probe_tokens)
+        probe_input_ids = probe_input_ids.to(teacher.lm_head.weight.device)
+        # Residual stream at every norm input: each layer's input (input_layernorm), the
+        # midpoint (post_attention_layernorm) and the final norm's input.
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = []
+        norms: list[tuple[str, nn.Module]] = []
+        for i, layer in enumerate(teacher.model.layers):
+            norms.append((f"{i}.in", layer.input_layernorm))
+            norms.append((f"{i}.post", layer.post_attention_layernorm))
+        norms.append(("final", teacher.model.norm))
+        for key, norm in norms:
+            hooks.append(
+                norm.register_forward_hook(
+                    lambda m, a, o, key=key: inputs.__setitem__(key, a[0].detach().float())
+                )
+            )
+        try:
+            teacher(input_ids=probe_input_ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        d_t = teacher.config.hidden_size
+
+        def gain(norm: nn.Module) -> torch.Tensor:
+            return norm.weight.detach().double().cpu()
+
+        # Student coordinates h_S = U^T h_T: U is the top-d_S eigenvectors of the second
+        # moment of the teacher's residual stream, each token scaled to unit norm.
+        second_moment = torch.zeros(d_t, d_t, dtype=torch.float64)
+        for h in inputs.values():
+            h = h.reshape(-1, d_t).float().cpu()
+            h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # every layer weighs the same
+            second_moment += (h.t() @ h).double()
+        eigvals, eigvecs = torch.linalg.eigh(second_moment)
+        basis = eigvecs[:, -self.hidden_size :].flip(-1)  # U: [d_T, d_S], top direction first
+
+        def scale(key: str) -> float:
+            # RMS of the student's norm input (over d_S) over the teacher's (over d_T): folding
+            # it into the projection makes the student's norm output match the teacher's.
+            h = inputs[key].reshape(-1, d_t).float().cpu()
+            rms_s = (h @ basis.float()).double().pow(2).sum(-1).mean() / self.hidden_size
+            rms_t = h.double().pow(2).sum(-1).mean() / d_t
+            return math.sqrt((rms_s / rms_t.clamp_min(1e-24)).item())
+
+        def input_side(norm: nn.Module, key: str) -> torch.Tensor:
+            return (gain(norm)[:, None] * basis * scale(key)).float()
+
+        output_side = basis.float()
+        for i, layer in enumerate(teacher.model.layers):
+            proj = self.projections[i]
+            for key in ("q", "k", "v"):
+                proj[key].copy_(input_side(layer.input_layernorm, f"{i}.in"))
+            for key in ("gate", "up"):
+                proj[key].copy_(input_side(layer.post_attention_layernorm, f"{i}.post"))
+            proj["o"].copy_(output_side)
+            proj["down"].copy_(output_side)
+        self.embed_projection.copy_(output_side)
+        if self.head_projection is not None:
+            self.head_projection.copy_(input_side(teacher.model.norm, "final"))
+        else:
+            self.norm.weight.copy_(self._tied_head_gain(inputs["final"], basis, scale("final")))
+        captured = eigvals.flip(-1)[: self.hidden_size].sum() / eigvals.sum()
+        log.info(
+            "lrkd: activation_pca init: the top %d directions hold %.1f%% of the teacher's "
+            "normalised residual-stream energy on %d probe tokens",
+            self.hidden_size,
+            100 * captured.item(),
+            probe_input_ids.numel(),
+        )
+
+    def _tied_head_gain(self, h: torch.Tensor, basis: torch.Tensor, scale: float) -> torch.Tensor:
+        """The student's final-norm gain for a tied teacher under ``activation_pca``.
+
+        One projection U serves embedding and head, so the head computes
+        E_T U diag(g_S) U^T x instead of the teacher's E_T diag(g_T) x (x the RMS-normalised
+        final hidden state). g_S is the least-squares fit in the logit metric E_T^T E_T over the
+        probe tokens (normal equations of a d_S-dimensional linear problem).
+        """
+        d_t = h.shape[-1]
+        x = h.reshape(-1, d_t).double().cpu()
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        second = x.t() @ x / x.shape[0]
+        embedding = self.teacher.model.embed_tokens.weight.detach().double().cpu()
+        metric = embedding.t() @ embedding
+        g_teacher = self.teacher.model.norm.weight.detach().double().cpu()
+        lhs = (basis.t() @ second @ basis) * (basis.t() @ metric @ basis)
+        rhs = torch.diagonal(basis.t() @ metric @ (g_teacher[:, None] * second) @ basis)
+        ridge = 1e-8 * torch.diagonal(lhs).mean() * torch.eye(lhs.shape[0], dtype=lhs.dtype)
+        gain = torch.linalg.solve(lhs + ridge, rhs)
+        return (gain * scale).float()
+
+    # ------------------------------------------------------------------ weights
+    def _key(self) -> tuple[Any, ...]:
+        return tuple((p.data_ptr(), p._version) for p in self.all_projections())
+
+    def generated_weights(self) -> dict[int, torch.Tensor]:
+        """Generate (or return the cached) student tensors, indexed like the internal specs."""
+        if not self.cache_weights:
+            return {i: _generate(s) for i, s in enumerate(self._specs)}
+        key = self._key()
+        if self._cache is not None and key == self._cache_key:
+            return self._cache
+        if self._cache is not None and any(w.grad is not None for w in self._cache.values()):
+            raise RuntimeError(
+                "LowRankClone: the projections changed while generated-weight gradients were "
+                "pending. With cache_weights=True, call flush_weight_grads() after backward and "
+                "before optimizer.step() (the DistillationModule does this)."
+            )
+        with torch.no_grad(), torch.autocast(self.embed_projection.device.type, enabled=False):
+            cache = {}
+            for i, spec in enumerate(self._specs):
+                tensor = _generate(spec)
+                if spec.kind != "copy":
+                    tensor = tensor.detach().requires_grad_(True)
+                cache[i] = tensor
+        self._cache, self._cache_key = cache, key
+        return cache
+
+    @torch.no_grad()
+    def flush_weight_grads(self) -> None:
+        """Turn the gradients accumulated on cached generated weights into projection gradients.
+
+        Call after the last backward of an optimizer step, before ``optimizer.step()``. Without
+        ``cache_weights`` this does nothing.
+        """
+        if not self.cache_weights or self._cache is None:
+            return
+        for i, spec in enumerate(self._specs):
+            tensor = self._cache[i]
+            if spec.kind == "copy" or tensor.grad is None:
+                continue
+            grad = _projection_grad(spec, tensor.grad.float())
+            p = spec.projection
+            p.grad = grad.to(p.dtype) if p.grad is None else p.grad.add_(grad.to(p.dtype))
+            tensor.grad = None
+
+    def _install(self, weights: dict[int, torch.Tensor]) -> None:
+        for i, spec in enumerate(self._specs):
+            if spec.module is not None:
+                setattr(spec.module, spec.attr, weights[i])
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        with_teacher: bool = False,
+        **kwargs: Any,
+    ) -> LowRankCloneOutput:
+        """Run the student (and, with ``with_teacher``, the teacher alongside).
+
+        Args:
+            input_ids: token ids [B, L].
+            attention_mask: 1 for real tokens, 0 for padding [B, L].
+            position_ids: positions [B, L]; ``None`` is 0..L-1.
+            with_teacher: also run the teacher layer by layer, return its logits and the
+                activation clone losses.
+
+        Returns:
+            A :class:`LowRankCloneOutput`.
+        """
+        teacher = self.teacher
+        weights = self.generated_weights()
+        self._install(weights)
+        embed_w, head_w = self._embedding_and_head(weights)
+
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        token_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            token_mask = attention_mask.to(torch.float32)
+
+        h_s = F.embedding(input_ids, embed_w)
+        s_masks = self._masks(self.config, h_s, attention_mask, position_ids)
+        s_pos = teacher.model.rotary_emb(h_s, position_ids=position_ids)
+        h_t = t_masks = t_pos = None
+        if with_teacher:
+            with torch.no_grad():
+                h_t = teacher.model.embed_tokens(input_ids)
+                t_masks = self._masks(teacher.config, h_t, attention_mask, position_ids)
+                t_pos = teacher.model.rotary_emb(h_t, position_ids=position_ids)
+
+        terms = self.clone_terms if with_teacher else ()
+        totals: dict[str, torch.Tensor] = {}
+        for i in range(len(self.layers)):
+            args = (h_s, h_t, s_pos, t_pos, token_mask)
+            extra = (s_masks[i], t_masks[i] if t_masks else None, position_ids, terms)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h_s, h_t, losses = checkpoint(
+                    self._layer_pair, i, *args, *extra, use_reentrant=False
+                )
+            else:
+                h_s, h_t, losses = self._layer_pair(i, *args, *extra)
+            for name, value in zip(terms, losses, strict=True):
+                totals[name] = totals[name] + value if name in totals else value
+
+        logits = F.linear(self.norm(h_s), head_w)
+        teacher_logits = None
+        if with_teacher:
+            with torch.no_grad():
+                teacher_logits = teacher.lm_head(teacher.model.norm(h_t))
+        return LowRankCloneOutput(logits, teacher_logits, totals)
+
+    def _embedding_and_head(
+        self, weights: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's embedding and LM-head matrices (the same tensor when tied)."""
+        embed = weights[self._embed_index]
+        return embed, embed if self._head_index is None else weights[self._head_index]
+
+    def _masks(
+        self,
+        config: Any,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> list[Any]:
+        """Per-layer attention masks, made by transformers' own mask functions."""
+        from transformers import masking_utils
+
+        kwargs = {
+            "config": config,
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": None,
+            "position_ids": position_ids,
+            "cache_position": torch.arange(embeds.shape[1], device=embeds.device),
+        }
+        made: dict[str, Any] = {}
+
+        def mask(kind: str) -> Any:
+            if kind not in made:
+                fn = (
+                    masking_utils.create_sliding_window_causal_mask
+                    if kind == "sliding_attention"
+                    else masking_utils.create_causal_mask
+                )
+                made[kind] = fn(**_filtered_kwargs(fn, kwargs))
+            return made[kind]
+
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            return [mask(layer_types[i]) for i in range(config.num_hidden_layers)]
+        default = (
+            "sliding_attention"
+            if getattr(config, "sliding_window", None) is not None
+            else "full_attention"
+        )
+        return [mask(default)] * config.num_hidden_layers
+
+    def _layer_pair(
+        self,
+        i: int,
+        h_s: torch.Tensor,
+        h_t: torch.Tensor | None,
+        s_pos: Any,
+        t_pos: Any,
+        token_mask: torch.Tensor | None,
+        s_mask: Any,
+        t_mask: Any,
+        position_ids: torch.Tensor,
+        terms: Sequence[str],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Teacher layer i (no grad) and student layer i, and the clone terms between them."""
+        taps: dict[str, torch.Tensor] = {}
+        self._taps = taps if terms else None
+        try:
+            if h_t is not None:
+                with torch.no_grad():
+                    t_layer = self.teacher.model.layers[i]
+                    h_t = _call_layer(t_layer, h_t, t_mask, t_pos, position_ids)
+            h_s = _call_layer(self.layers[i], h_s, s_mask, s_pos, position_ids)
+        finally:
+            self._taps = None
+        losses = []
+        for name in terms:
+            path, hidden_side = _TERM_TAPS[name]
+            target = taps[f"teacher.{path}"]
+            if hidden_side:
+                proj = self.projections[i][_TERM_PROJ[name]]
+                if self.clone_target_grad:
+                    target = target.to(proj.dtype) @ proj
+                else:
+                    with torch.no_grad():
+                        target = target.to(proj.dtype) @ proj
+            student = taps[f"student.{path}"]
+            losses.append(
+                _masked_mse(student, target, token_mask, self.clone_loss == "relative_mse")
+            )
+        return h_s, h_t, losses
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def materialize(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Multiply the projections out and return a plain transformers model of the teacher's
+        family with ``hidden_size = d_S`` (its config carries an explicit ``head_dim``)."""
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(self.config)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state: dict[str, torch.Tensor] = {}
+        weights = {i: _generate(s) for i, s in enumerate(self._specs)}
+        for i, spec in enumerate(self._specs):
+            if spec.module is None:
+                continue
+            for name, module in self.layers.named_modules():
+                if module is spec.module:
+                    state[f"model.layers.{name}.{spec.attr}"] = weights[i]
+                    break
+        for name, p in self.layers.named_parameters():
+            state[f"model.layers.{name}"] = p
+        state["model.norm.weight"] = self.norm.weight
+        embed, head = self._embedding_and_head(weights)
+        state["model.embed_tokens.weight"] = embed
+        if not self.tied:
+            state["lm_head.weight"] = head
+        missing, unexpected = model.load_state_dict(
+            {k: v.detach().float().cpu() for k, v in state.items()}, strict=False
+        )
+        missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
+        if self.tied:
+            model.tie_weights()
+        return model.to(dtype).eval()
+
+
+def _call_layer(
+    layer: nn.Module, hidden: torch.Tensor, mask: Any, position_embeddings: Any, position_ids: Any
+) -> torch.Tensor:
+    kwargs = {
+        "attention_mask": mask,
+        "position_embeddings": position_embeddings,
+        "position_ids": position_ids,
+        "past_key_values": None,
+        "use_cache": False,
+    }
+    out = layer(hidden, **_filtered_kwargs(layer.forward, kwargs))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _probe_batch(teacher: nn.Module, texts: Sequence[str] | None, n_tokens: int) -> torch.Tensor:
+    """Token ids for the activation-PCA probe: ``texts`` (or the built-in corpus), tokenised
+    with the teacher's own tokenizer, packed into rows of 256 tokens."""
+    from transformers import AutoTokenizer
+
+    source = getattr(teacher, "name_or_path", None) or getattr(
+        teacher.config, "_name_or_path", None
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source) if source else None
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is None:
+        raise ValueError(
+            "LowRankClone: init=activation_pca needs probe text and the teacher's tokenizer, "
+            f"but no tokenizer could be loaded from {source!r}. Give probe_input_ids, or use "
+            "init=embedding_pca (no data needed)."
+        )
+    if texts is None:
+        from lrkd.data.corpus import builtin_corpus
+
+        texts = builtin_corpus(num_documents=max(64, n_tokens // 64), seed=1234)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        if len(ids) >= n_tokens:
+            break
+    row = 256
+    n_rows = max(1, min(len(ids), n_tokens) // row)
+    if len(ids) < row:
+        return torch.tensor([ids])
+    return torch.tensor(ids[: n_rows * row]).view(n_rows, row)
+
+
+class LowRankCloneBuilder(StudentBuilder):
+    """Builds a :class:`LowRankClone` of the teacher (use as ``model.student`` in a config).
+
+    Args:
+        hidden_size: the student's hidden size d_S (the rank), at most the teacher's.
+        init: ``normal`` (paper), ``embedding_pca`` or ``activation_pca``; see
+            :class:`LowRankClone`.
+        init_std: standard deviation of the ``normal`` init.
+        probe_texts: texts for ``activation_pca``; ``None`` uses the built-in corpus.
+        probe_tokens: about how many probe tokens ``activation_pca`` uses.
+        clone_terms: activation clone terms (``q, k, v, gate, up, attn_out, ffn_out``);
+            weight them with ``model.clone_weight``.
+        clone_loss: ``mse`` (paper) or ``relative_mse`` (each term over the teacher
+            activation's mean square).
+        clone_target_grad: let gradients flow through the projection that maps teacher
+            attention/FFN outputs into student space (official code); default: fixed target.
+        gradient_checkpointing: recompute each (teacher, student) layer pair in backward.
+        cache_weights: generate weights once per optimizer step (recommended).
+        seed: seed of the ``normal`` init.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        init: str = "normal",
+        init_std: float = 0.02,
+        probe_texts: list[str] | None = None,
+        probe_tokens: int = 8192,
+        clone_terms: list[str] | None = None,
+        clone_loss: str = "mse",
+        clone_target_grad: bool = False,
+        gradient_checkpointing: bool = False,
+        cache_weights: bool = True,
+        seed: int | None = 0,
+    ) -> None:
+        self.kwargs = dict(
+            hidden_size=hidden_size,
+            init=init,
+            init_std=init_std,
+            probe_texts=probe_texts,
+            probe_tokens=probe_tokens,
+            clone_terms=tuple(CLONE_TERMS if clone_terms is None else clone_terms),
+            clone_loss=clone_loss,
+            clone_target_grad=clone_target_grad,
+            gradient_checkpointing=gradient_checkpointing,
+            cache_weights=cache_weights,
+            seed=seed,
+        )
+
+    def __call__(self, teacher: nn.Module) -> LowRankClone:
+        """Build the clone of ``teacher``."""
+        return LowRankClone(teacher, **self.kwargs)
+
+
+def count_parameters(params: Iterable[torch.Tensor]) -> int:
+    """Number of elements in ``params``."""
+    return sum(p.numel() for p in params)
