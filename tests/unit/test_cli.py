@@ -121,3 +121,41 @@ def test_bad_divergence_fails_with_field_name(tmp_path, tiny_teacher_dir) -> Non
     with pytest.raises((ValueError, SystemExit)) as err:
         main(["fit", "--config", _config(tmp_path, tiny_teacher_dir, divergence="kl")])
     assert err.type is ValueError and "model.divergence" in str(err.value)
+
+
+def test_lrc_fit_logs_clone_terms_and_export_command(tmp_path, tiny_teacher_dir) -> None:
+    lrc = {
+        "class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
+        "init_args": {"hidden_size": 32, "clone_loss": "relative_mse"},
+    }
+    config = _config(tmp_path, tiny_teacher_dir, student=lrc, clone_weight=0.2)
+    cli = main(["fit", "--config", config, "--trainer.accumulate_grad_batches", "2"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((tmp_path / "runs" / "tiny").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/clone", "val/clone"} | {f"train/clone_{t}" for t in ("q", "gate", "ffn_out")}
+    assert expected <= tags
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(cli.model.teacher.state_dict()[name], value), name
+
+    out = main(["export", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--out",
+                str(tmp_path / "exported")])  # fmt: skip
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.config.hidden_size == 32
+    assert AutoTokenizer.from_pretrained(out) is not None
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        expected_logits = cli.model.student(ids).logits
+        logits = exported(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_export_explains_a_checkpoint_without_a_student_config(tmp_path) -> None:
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="export_student"):
+        main(["export", "--ckpt_path", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "o")])

@@ -368,3 +368,36 @@ def test_export_loads_without_lrkd(tmp_path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     logits = torch.load(tmp_path / "logits.pt")
     assert _max_rel_err(logits, expected, torch.ones_like(ids)) <= 1e-4
+
+
+def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teacher_dir) -> None:
+    from lightning.pytorch import Trainer
+
+    from lrkd.data.text import TextDataModule
+    from lrkd.module import DistillationModule
+
+    torch.manual_seed(0)
+    module = DistillationModule(
+        str(tiny_teacher_dir), LowRankCloneBuilder(hidden_size=32), ce_weight=0.5, clone_weight=0.2
+    )
+    clone = module.student
+    before = {k: v.clone() for k, v in clone.state_dict().items()}
+    keys = []
+    real = clone.generated_weights
+
+    def counting():
+        weights = real()
+        if not keys or keys[-1] != clone._cache_key:
+            keys.append(clone._cache_key)
+        return weights
+
+    clone.generated_weights = counting
+    trainer = Trainer(
+        max_steps=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, TextDataModule(seq_length=32, batch_size=2, builtin_documents=100))
+    assert trainer.global_step == 3
+    assert len(keys) == 3  # six micro-batches, three optimizer steps, three generations
+    for name, value in clone.state_dict().items():
+        assert not torch.equal(value, before[name]), f"{name} did not train"
