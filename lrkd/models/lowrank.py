@@ -215,7 +215,8 @@ class LowRankClone(nn.Module):
             (``llama`` incl. SmolLM2 and Llama-3.x, ``mistral``, ``qwen2``, ``qwen3``). It is
             referenced, not copied, and not registered as a submodule (so it is not in this
             module's state_dict or parameters); move it together with the clone.
-        hidden_size: the student's hidden size d_S (the rank), at most the teacher's.
+        hidden_size: the student's hidden size d_S (the rank), at most the teacher's and a
+            multiple of its number of attention heads.
         init: projection initialisation: ``normal`` (the paper: every P ~ N(0, init_std)),
             ``embedding_pca`` (every P = the top-d_S right singular vectors of the teacher's
             embedding matrix), or ``activation_pca`` (the top-d_S principal directions of the
@@ -273,6 +274,15 @@ class LowRankClone(nn.Module):
             raise ValueError(
                 f"LowRankClone: hidden_size={hidden_size} must be between 1 and the teacher's "
                 f"hidden size {d_teacher} (the clone projects the teacher's hidden side down)."
+            )
+        heads = t_config.num_attention_heads
+        if hidden_size % heads:
+            lower, upper = hidden_size // heads * heads, (hidden_size // heads + 1) * heads
+            nearest = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(
+                f"LowRankClone: hidden_size={hidden_size} must be a multiple of the teacher's "
+                f"{heads} attention heads (transformers' config validation refuses to save or "
+                f"load the exported model otherwise); nearest: {nearest}."
             )
         if init not in INITS:
             raise ValueError(f"LowRankClone: init={init!r}; choose one of {', '.join(INITS)}.")
@@ -807,7 +817,8 @@ class LowRankCloneBuilder(StudentBuilder):
     """Builds a :class:`LowRankClone` of the teacher (use as ``model.student`` in a config).
 
     Args:
-        hidden_size: the student's hidden size d_S (the rank), at most the teacher's.
+        hidden_size: the student's hidden size d_S (the rank), at most the teacher's and a
+            multiple of its number of attention heads (e.g. 189 = 21 x 9 for SmolLM2).
         init: ``normal`` (paper), ``embedding_pca`` or ``activation_pca``; see
             :class:`LowRankClone`.
         init_std: standard deviation of the ``normal`` init.

@@ -97,3 +97,42 @@ def test_cli_fit_with_real_teacher(tmp_path) -> None:
     assert tokenizer.chat_template is not None
     out = student.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=4)
     assert out.shape[1] >= 2
+
+
+def test_low_rank_clone_of_the_real_teacher_matches_its_export(module: DistillationModule) -> None:
+    """LRC parity on SmolLM2: clone logits vs the exported Llama's, fp32, padded batch; greedy
+    generation identical; teacher logits from the co-run equal the teacher's own forward."""
+    from lrkd.models.lowrank import LowRankClone
+
+    teacher = module.teacher
+    clone = LowRankClone(teacher, hidden_size=90, init="activation_pca", probe_tokens=1024)
+    tokenizer = module.tokenizer
+    texts = ["The capital of France is", "Question: What is 7 + 5?\nAnswer:"]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    exported = clone.materialize()
+    with torch.no_grad():
+        out = clone(ids, mask, with_teacher=True)
+        ref = exported(input_ids=ids, attention_mask=mask).logits
+        ref_teacher = teacher(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    rel = (out.logits - ref)[keep].abs().max() / ref[keep].abs().max()
+    assert rel.item() <= 1e-4
+    rel_t = (out.teacher_logits - ref_teacher)[keep].abs().max() / ref_teacher[keep].abs().max()
+    assert rel_t.item() <= 1e-5
+    assert exported.config.hidden_size == 90 and exported.config.head_dim == 64
+
+    prompt = tokenizer(texts[1], return_tensors="pt")["input_ids"]
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, clone(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        generated = exported.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert torch.equal(seq, generated)

@@ -244,7 +244,7 @@ def test_cached_weights_give_the_same_gradients_over_micro_batches() -> None:
         generations = 0
         real_generate = clone.generated_weights
 
-        def counting(real=real_generate):
+        def counting(real=real_generate, clone=clone, cache=cache):
             nonlocal generations
             before = clone._cache_key
             weights = real()
@@ -337,6 +337,8 @@ def test_errors_name_the_fix() -> None:
     teacher = make_teacher("llama")
     with pytest.raises(ValueError, match="hidden_size=65 must be between 1 and the teacher's"):
         LowRankClone(teacher, hidden_size=65)
+    with pytest.raises(ValueError, match="multiple of the teacher's 4 attention heads.*28 or 32"):
+        LowRankClone(teacher, hidden_size=30)
     with pytest.raises(ValueError, match="clone_terms"):
         LowRankClone(teacher, 32, clone_terms=["qq"])
     with pytest.raises(ValueError, match="init="):
@@ -344,7 +346,7 @@ def test_errors_name_the_fix() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=TINY_VOCAB))
-    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3.*gpt2"):
+    with pytest.raises(ValueError, match=r"llama, mistral, qwen2, qwen3.*gpt2"):
         LowRankCloneBuilder(hidden_size=16)(gpt2)
 
 
