@@ -337,7 +337,7 @@ def test_errors_name_the_fix() -> None:
     teacher = make_teacher("llama")
     with pytest.raises(ValueError, match="hidden_size=65 must be between 1 and the teacher's"):
         LowRankClone(teacher, hidden_size=65)
-    with pytest.raises(ValueError, match="multiple of the teacher's 4 attention heads.*28 or 32"):
+    with pytest.raises(ValueError, match=r"multiple of the teacher's 4 attention heads.*28 or 32"):
         LowRankClone(teacher, hidden_size=30)
     with pytest.raises(ValueError, match="clone_terms"):
         LowRankClone(teacher, 32, clone_terms=["qq"])
