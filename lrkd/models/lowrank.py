@@ -34,7 +34,7 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -866,8 +866,3 @@ class LowRankCloneBuilder(StudentBuilder):
     def __call__(self, teacher: nn.Module) -> LowRankClone:
         """Build the clone of ``teacher``."""
         return LowRankClone(teacher, **self.kwargs)
-
-
-def count_parameters(params: Iterable[torch.Tensor]) -> int:
-    """Number of elements in ``params``."""
-    return sum(p.numel() for p in params)
