@@ -56,9 +56,10 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
         raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file.")
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False).get(
-        "hyper_parameters", {}
-    )
+    # mmap: only the hyperparameters are read here; the weights are loaded once, below.
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    del checkpoint
     if "student" not in hparams:
         raise ValueError(
             f"{ckpt_path} does not record how its student was built (it was not written by "

@@ -37,9 +37,8 @@ def make_tokenizer():
     return tokenizer
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
+def tiny_config_fields(**overrides) -> dict:
+    """Config fields of a tiny decoder (vocab 128, hidden 64, 2 layers, 4/2 heads)."""
     fields = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
@@ -54,7 +53,13 @@ def tiny_llama_config(**overrides):
         pad_token_id=3,
     )
     fields.update(overrides)
-    return LlamaConfig(**fields)
+    return fields
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**tiny_config_fields(**overrides))
 
 
 def make_tiny_llama(seed: int = 0, **overrides):

@@ -31,6 +31,7 @@ just before the optimizer step (the DistillationModule calls it).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -105,6 +106,7 @@ class _Generated:
     """How one student tensor is made: ``kind`` "in" (W @ P), "out" (P^T @ W), "bias_out"
     (b @ P) from a teacher tensor and a projection, or "copy" (the teacher's tensor as is)."""
 
+    name: str  # its key in the exported model's state_dict
     module: nn.Module | None  # None: the embedding / LM head (used directly, not installed)
     attr: str
     teacher: torch.Tensor
@@ -175,11 +177,19 @@ def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
     return config
 
 
-def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+@functools.cache
+def _signature(fn: Any) -> tuple[frozenset[str], bool]:
     params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return {k: v for k, v in kwargs.items() if k in params or k != "cache_position"}
-    return {k: v for k, v in kwargs.items() if k in params}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return frozenset(params), var_kw
+
+
+def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``kwargs`` that ``fn`` takes, across transformers versions: a named parameter always;
+    through ``**kwargs`` anything but ``cache_position`` (which newer versions dropped and would
+    pass on to the attention function)."""
+    names, var_kw = _signature(getattr(fn, "__func__", fn))
+    return {k: v for k, v in kwargs.items() if k in names or (var_kw and k != "cache_position")}
 
 
 def _masked_mse(
@@ -354,17 +364,18 @@ class LowRankClone(nn.Module):
             t_layer = teacher.model.layers[i]
             for path, key, side in _LAYER_LINEARS:
                 s_lin, t_lin = _get(layer, path), _get(t_layer, path)
+                prefix = f"model.layers.{i}.{path}"
                 del s_lin.weight
                 proj = self.projections[i][key]
-                specs.append(_Generated(s_lin, "weight", t_lin.weight, side, proj))
-                if getattr(t_lin, "bias", None) is not None:
+                specs.append(
+                    _Generated(f"{prefix}.weight", s_lin, "weight", t_lin.weight, side, proj)
+                )
+                if t_lin.bias is not None:
                     del s_lin.bias
-                    kind = "copy" if side == "in" else "bias_out"
-                    proj = None if side == "in" else self.projections[i][key]
-                    specs.append(_Generated(s_lin, "bias", t_lin.bias, kind, proj))
-                elif "bias" in s_lin._parameters:
-                    del s_lin.bias
-                    s_lin.bias = None
+                    kind, proj = ("copy", None) if side == "in" else ("bias_out", proj)
+                    specs.append(
+                        _Generated(f"{prefix}.bias", s_lin, "bias", t_lin.bias, kind, proj)
+                    )
             for name in ("input_layernorm", "post_attention_layernorm"):
                 norm = getattr(layer, name)
                 norm.weight = nn.Parameter(torch.ones(self.hidden_size, device=device))
@@ -377,13 +388,14 @@ class LowRankClone(nn.Module):
         self.norm.weight = nn.Parameter(torch.ones(self.hidden_size, device=device))
         self._embed_index = len(specs)
         t_embed = teacher.model.embed_tokens.weight
-        specs.append(_Generated(None, "embed", t_embed, "in", self.embed_projection))
+        specs.append(
+            _Generated("model.embed_tokens.weight", None, "", t_embed, "in", self.embed_projection)
+        )
         self._head_index = None
         if self.head_projection is not None:
             self._head_index = len(specs)
-            specs.append(
-                _Generated(None, "head", teacher.lm_head.weight, "in", self.head_projection)
-            )
+            t_head = teacher.lm_head.weight
+            specs.append(_Generated("lm_head.weight", None, "", t_head, "in", self.head_projection))
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
             if tensor.is_meta:
                 raise RuntimeError(f"LowRankClone: unhandled student tensor {name}")
@@ -487,10 +499,12 @@ class LowRankClone(nn.Module):
         output_side = basis.float()
         for i, layer in enumerate(teacher.model.layers):
             proj = self.projections[i]
+            p_attn = input_side(layer.input_layernorm, f"{i}.in")
+            p_ffn = input_side(layer.post_attention_layernorm, f"{i}.post")
             for key in ("q", "k", "v"):
-                proj[key].copy_(input_side(layer.input_layernorm, f"{i}.in"))
+                proj[key].copy_(p_attn)
             for key in ("gate", "up"):
-                proj[key].copy_(input_side(layer.post_attention_layernorm, f"{i}.post"))
+                proj[key].copy_(p_ffn)
             proj["o"].copy_(output_side)
             proj["down"].copy_(output_side)
         self.embed_projection.copy_(output_side)
@@ -606,9 +620,8 @@ class LowRankClone(nn.Module):
 
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        token_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            token_mask = attention_mask.to(torch.float32)
+        # Always the masked mean when there is a mask: checking for all-ones would sync the host.
+        token_mask = None if attention_mask is None else attention_mask.to(torch.float32)
 
         h_s = F.embedding(input_ids, embed_w)
         s_masks = self._masks(self.config, h_s, attention_mask, position_ids)
@@ -738,22 +751,9 @@ class LowRankClone(nn.Module):
 
         config = copy.deepcopy(self.config)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state: dict[str, torch.Tensor] = {}
-        weights = {i: _generate(s) for i, s in enumerate(self._specs)}
-        for i, spec in enumerate(self._specs):
-            if spec.module is None:
-                continue
-            for name, module in self.layers.named_modules():
-                if module is spec.module:
-                    state[f"model.layers.{name}.{spec.attr}"] = weights[i]
-                    break
-        for name, p in self.layers.named_parameters():
-            state[f"model.layers.{name}"] = p
+        state = {spec.name: _generate(spec) for spec in self._specs}
+        state.update({f"model.layers.{n}": p for n, p in self.layers.named_parameters()})
         state["model.norm.weight"] = self.norm.weight
-        embed, head = self._embedding_and_head(weights)
-        state["model.embed_tokens.weight"] = embed
-        if not self.tied:
-            state["lm_head.weight"] = head
         missing, unexpected = model.load_state_dict(
             {k: v.detach().float().cpu() for k, v in state.items()}, strict=False
         )

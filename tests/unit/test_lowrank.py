@@ -13,26 +13,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB, make_tiny_llama
+from conftest import TINY_VOCAB, make_tiny_llama, tiny_config_fields
 
 from lrkd.models.lowrank import CLONE_TERMS, LowRankClone, LowRankCloneBuilder
 
 
 def _common(**overrides):
-    fields = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    fields.update(overrides)
-    return fields
+    # Llama's tiny fields with an FFN width that differs from 2 x hidden.
+    return tiny_config_fields(**{"intermediate_size": 96, **overrides})
 
 
 def make_teacher(family: str, tied: bool = True, seed: int = 0) -> torch.nn.Module:
