@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -26,7 +26,10 @@ class DistillationModule(LightningModule):
     minimises ``kd_weight * D(teacher, student) + ce_weight * CE(student, next token)``, where D
     is the chosen divergence at ``temperature`` and both terms are taken on the positions the
     batch's ``loss_mask`` selects. An example's divergence is multiplied by its ``weight`` when
-    the batch carries one (pass-rate pacing).
+    the batch carries one (pass-rate pacing): the divergence term of a batch is
+    ``sum_i w_i * sum_t D_it / sum_it mask_it``, so weights with mean 1 keep the scale of
+    unweighted distillation (:class:`lrkd.data.datamodule.DistillDataModule` normalises them
+    so).
 
     Batches are dicts with ``input_ids`` [B, L], ``attention_mask`` [B, L], ``loss_mask`` [B, L]
     (1 where the token is a training target, i.e. its prediction from the previous position
@@ -168,6 +171,13 @@ class DistillationModule(LightningModule):
             f"model.student's vocab_size to {v_teacher}. If the two differ only by padded "
             "embedding rows, set model.vocab_size to the real number of tokens."
         )
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The DataModule's own training-loop callbacks (pass-rate pacing), when it has any."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        callbacks = getattr(datamodule, "training_callbacks", None)
+        return list(callbacks()) if callable(callbacks) else []
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode for the student; the teacher always stays in eval mode."""

@@ -96,6 +96,22 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt, as a user turn of the tokenizer's chat template (followed by the
+    assistant's opening) when ``chat_template`` is set and the tokenizer has one, else as is."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 class PackedText(Dataset):
     """Documents tokenised, joined with EOS and cut into blocks of ``seq_length`` tokens.
 
@@ -140,20 +156,9 @@ class PromptResponse(Dataset):
         self, records: list[dict[str, str]], tokenizer: Any, seq_length: int,
         chat_template: bool = True,
     ) -> None:  # fmt: skip
-        use_template = chat_template and getattr(tokenizer, "chat_template", None)
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         for record in records:
-            if use_template:
-                prompt_ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": record["prompt"]}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-                if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-                    prompt_ids = prompt_ids["input_ids"]
-            else:
-                prompt_ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+            prompt_ids = prompt_token_ids(tokenizer, record["prompt"], chat_template)
             response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
             response_ids = [*response_ids, tokenizer.eos_token_id]
             ids = torch.tensor([*prompt_ids, *response_ids][:seq_length])
