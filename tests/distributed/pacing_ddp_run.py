@@ -1,0 +1,102 @@
+"""Run pass-rate estimation inside a Lightning fit on 1 or 2 CPU processes (DDP, gloo).
+
+Usage: python pacing_ddp_run.py OUT_DIR DEVICES. Each rank writes OUT_DIR/rank<r>.json with the
+correct counts of every estimation round. Run as its own process: DDP re-executes this file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
+
+from conftest import make_tiny_llama, make_tokenizer
+
+from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.verifiers import Verifier
+from lrkd.models.students import FromTeacherConfig
+from lrkd.module import DistillationModule
+
+
+class EvenFirstCharacter(Verifier):
+    """Accepts a completion whose first character has an even code (pass rates near 1/2)."""
+
+    def extract(self, completion: str) -> str | None:
+        return completion[:1] or None
+
+    def matches(self, candidate: str, answer: str) -> bool:
+        return ord(candidate) % 2 == 0
+
+
+class Record(Callback):
+    def __init__(self, datamodule: DistillDataModule) -> None:
+        self.datamodule = datamodule
+        self.rounds: list[list[int]] = []
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.datamodule.rounds > self._seen:
+            self._seen = self.datamodule.rounds
+            self.rounds.append(self.datamodule.correct.tolist())
+
+
+def main(out_dir: str, devices: int) -> None:
+    out = Path(out_dir)
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
+        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
+        make_tokenizer().save_pretrained(teacher_dir)
+    datamodule = DistillDataModule(
+        tokenizer=str(teacher_dir),
+        num_problems=30,
+        val_fraction=0.2,
+        chat_template=False,
+        verifier=EvenFirstCharacter(),
+        num_rollouts=6,
+        rollout_max_new_tokens=3,
+        teacher_max_new_tokens=5,
+        rollout_batch_size=8,
+        estimate_every_n_steps=2,
+        estimate_every_n_epochs=None,
+        batch_size=2,
+        seq_length=40,
+        response_cache_dir=str(out / f"cache{devices}"),
+    )
+    module = DistillationModule(
+        teacher=str(teacher_dir),
+        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        teacher_dtype="float32",
+    )
+    record = Record(datamodule)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    result = {
+        "rounds": record.rounds,
+        "teacher_responses": [
+            datamodule._datasets["train"][i]["input_ids"].tolist()
+            for i in range(len(datamodule._datasets["train"]))
+        ],
+        "student_checksum": float(sum(p.double().sum() for p in module.student.parameters())),
+    }
+    (out / f"devices{devices}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], int(sys.argv[2]))
