@@ -90,8 +90,13 @@ def _sample(
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    total = cdf[:, -1:]
+    # Below the total mass, strictly (u rounded up to 1 would run past the last token), and
     # right=True never lands on a zero-probability token: its cdf equals its predecessor's.
+    target = torch.minimum(
+        uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * total,
+        torch.nextafter(total, torch.zeros_like(total)),
+    )
     index = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
     if order is not None:
         index = order.gather(-1, index)
