@@ -126,8 +126,10 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
 
     print()
-    print(f"{args.steps} steps x batch {args.batch_size}, LRC hidden {args.hidden_size}, "
-          f"K={args.rollouts}, re-estimated every {args.estimate_every} steps, seed {args.seed}")  # fmt: skip
+    print(
+        f"{args.steps} steps x batch {args.batch_size}, LRC hidden {args.hidden_size}, "
+        f"K={args.rollouts}, re-estimated every {args.estimate_every} steps, seed {args.seed}"
+    )
     print(f"teacher pass@1 on the held-out problems: {results[0]['teacher_pass@1']:.3f}")
     print("| arm | pass@1 before | pass@1 after (± s.e.) | last mean p | time (s) |")
     print("|---|---|---|---|---|")

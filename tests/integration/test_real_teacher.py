@@ -136,3 +136,36 @@ def test_low_rank_clone_of_the_real_teacher_matches_its_export(module: Distillat
             pad_token_id=tokenizer.pad_token_id,
         )
     assert torch.equal(seq, generated)
+
+
+def test_paced_config_runs_and_logs_pacing_plots(tmp_path) -> None:
+    """configs/paced/smollm2_lrc.yaml as shipped, shortened: teacher responses, a pass-rate
+    estimate with the real verifier, weighted steps, validation pass@1, TensorBoard plots."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs"
+    main([
+        "fit", "--config", "configs/paced/smollm2_lrc.yaml",
+        "--model.student.init_args.hidden_size", "189",
+        "--data.num_problems", "30", "--data.num_rollouts", "2",
+        "--data.rollout_max_new_tokens", "12", "--data.teacher_max_new_tokens", "16",
+        "--data.estimate_every_n_steps", "2", "--data.val_num_rollouts", "1",
+        "--data.response_cache_dir", str(tmp_path / "cache"),
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+        "--trainer.logger.init_args.save_dir", str(runs),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
+    ])  # fmt: skip
+    (version,) = (runs / "paced").iterdir()
+    events = EventAccumulator(str(version), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"pacing/pass_rate", "pacing/weight", "pacing/bucket"} <= set(tags["histograms"])
+    assert len(events.Histograms("pacing/pass_rate")) == 2  # at the start and at step 2
+    scalars = set(tags["scalars"])
+    assert {"pacing/mean_pass_rate", "pacing/frontier_share", "pacing/bucket_count/p=0",
+            "val/pass@1", "val/pass_rate", "val/pass@1_teacher"} <= scalars  # fmt: skip
+    buckets = ("p=0", "(0,0.25]", "(0.25,0.5]", "(0.5,0.75]", "(0.75,1)", "p=1")
+    counts = [events.Scalars(f"pacing/bucket_count/{b}")[0].value for b in buckets]
+    assert sum(counts) == 24  # every training problem is in one bucket
+    teacher = events.Scalars("val/pass@1_teacher")[-1].value
+    assert 0.0 < teacher < 1.0  # the teacher solves some held-out problems, not all
