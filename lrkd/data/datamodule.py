@@ -64,9 +64,8 @@ from lrkd.data.problems import (
     split_problems,
 )
 from lrkd.data.rollout import generate, generation_model, row_seed
-from lrkd.data.text import pad_collate, prompt_token_ids
+from lrkd.data.text import pad_collate, prompt_token_ids, resolve_tokenizer
 from lrkd.data.verifiers import Verifier, get_verifier
-from lrkd.models.teachers import load_tokenizer
 
 log = logging.getLogger("lrkd")
 
@@ -387,16 +386,7 @@ class DistillDataModule(LightningDataModule):
     def _resolve_tokenizer(self) -> Any:
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.tokenizer_name is not None:
-            return load_tokenizer(self.tokenizer_name, field="data.tokenizer")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                "data.tokenizer is not set and the model has no tokenizer (the teacher was not "
-                "loaded by name); set data.tokenizer to a tokenizer directory or name."
-            )
-        return tokenizer
+        return resolve_tokenizer(self.tokenizer_name, self.trainer)
 
     # ------------------------------------------------------------------- teacher responses
 

@@ -96,6 +96,21 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
+def resolve_tokenizer(name: str | None, trainer: Any) -> Any:
+    """The DataModule's tokenizer: loaded from ``name`` (``data.tokenizer``) when given, else
+    the model's (the teacher's, when it was loaded by name)."""
+    if name is not None:
+        return load_tokenizer(name, field="data.tokenizer")
+    module = trainer.lightning_module if trainer is not None else None
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            "data.tokenizer is not set and the model has no tokenizer (the teacher was "
+            "not loaded by name); set data.tokenizer to a tokenizer directory or name."
+        )
+    return tokenizer
+
+
 def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
     """Token ids of a prompt, as a user turn of the tokenizer's chat template (followed by the
     assistant's opening) when ``chat_template`` is set and the tokenizer has one, else as is."""
@@ -256,16 +271,7 @@ class TextDataModule(LightningDataModule):
     def _resolve_tokenizer(self) -> Any:
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.tokenizer_name is not None:
-            return load_tokenizer(self.tokenizer_name, field="data.tokenizer")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                "data.tokenizer is not set and the model has no tokenizer (the teacher was "
-                "not loaded by name); set data.tokenizer to a tokenizer directory or name."
-            )
-        return tokenizer
+        return resolve_tokenizer(self.tokenizer_name, self.trainer)
 
     def _records(self, files: list[str] | None) -> list[dict[str, str]]:
         if files is None:
