@@ -37,6 +37,21 @@ def make_tokenizer():
     return tokenizer
 
 
+def even_first_character_verifier():
+    """A verifier that accepts a completion whose first character has an even code: a random
+    tiny model passes about half the time, so pass rates spread and move as the model changes."""
+    from lrkd.data.verifiers import Verifier
+
+    class EvenFirstCharacter(Verifier):
+        def extract(self, completion: str) -> str | None:
+            return completion[:1] or None
+
+        def matches(self, candidate: str, answer: str) -> bool:
+            return ord(candidate) % 2 == 0
+
+    return EvenFirstCharacter()
+
+
 def tiny_config_fields(**overrides) -> dict:
     """Config fields of a tiny decoder (vocab 128, hidden 64, 2 layers, 4/2 heads)."""
     fields = dict(

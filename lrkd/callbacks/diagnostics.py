@@ -25,8 +25,9 @@ def log_pacing(
 ) -> dict[str, float]:
     """Log one pass-rate estimate to every logger.
 
+    ``weight`` is each problem's relative weight (mean 1 over the problems drawn).
     TensorBoard gets histograms of the pass rates (one bin per possible value k/K), of the
-    normalised weights and of the bucket indices, and a text table of the buckets; every logger
+    weights and of the bucket indices, and a text table of the buckets; every logger
     gets the scalars ``pacing/mean_pass_rate``, ``pacing/frontier_share`` (the share of
     problems with 0 < p < 1), ``pacing/solved_share`` (p = 1), ``pacing/unsolved_share``
     (p = 0), ``pacing/cold_start``, ``pacing/round`` and ``pacing/bucket_count/<bucket>``.
@@ -47,8 +48,6 @@ def log_pacing(
     }
     for label, count in zip(bucket_labels, counts, strict=True):
         scalars[f"pacing/bucket_count/{label}"] = float(count)
-    positive = w[w > 0]
-    normalised = (w / positive.mean()) if len(positive) else w
     for logger in loggers:
         logger.log_metrics(scalars, step=step)
         writer = getattr(logger, "experiment", None)
@@ -57,7 +56,7 @@ def log_pacing(
         # One bin per attainable pass rate k/K, centred on it.
         edges = (np.arange(num_samples + 2) - 0.5) / num_samples
         writer.add_histogram("pacing/pass_rate", p.numpy(), step, bins=edges)
-        writer.add_histogram("pacing/weight", normalised.numpy(), step)
+        writer.add_histogram("pacing/weight", w.numpy(), step)
         writer.add_histogram(
             "pacing/bucket", bucket_index.cpu().numpy(), step,
             bins=np.arange(len(bucket_labels) + 1) - 0.5,

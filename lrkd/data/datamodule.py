@@ -64,7 +64,13 @@ from lrkd.data.problems import (
     split_problems,
 )
 from lrkd.data.rollout import generate, generation_model, row_seed
-from lrkd.data.text import pad_collate, prompt_token_ids, resolve_tokenizer
+from lrkd.data.text import (
+    pad_collate,
+    prompt_response_example,
+    prompt_token_ids,
+    resolve_tokenizer,
+    response_token_ids,
+)
 from lrkd.data.verifiers import Verifier, get_verifier
 
 log = logging.getLogger("lrkd")
@@ -75,33 +81,22 @@ _RESPONSE_SOURCES = ("auto", "dataset", "generate")
 
 
 class _Examples(Dataset):
-    """Prompt + response token rows; only response tokens are targets."""
+    """Prompt + response examples (:func:`~lrkd.data.text.prompt_response_example`) that also
+    carry their problem's index, for the per-example weight."""
 
     def __init__(
-        self,
-        prompts: Sequence[Sequence[int]],
-        responses: Sequence[Sequence[int]],
-        indices: Sequence[int],
-        seq_length: int,
+        self, prompts: Sequence[list[int]], responses: Sequence[list[int]], seq_length: int
     ) -> None:
-        self.rows = []
-        for prompt, response, index in zip(prompts, responses, indices, strict=True):
-            ids = torch.tensor([*prompt, *response][:seq_length], dtype=torch.long)
-            target = torch.zeros_like(ids)
-            target[len(prompt) :] = 1
-            self.rows.append((ids, target, index))
+        self.examples = [
+            {**prompt_response_example(p, r, seq_length), "problem_index": torch.tensor(i)}
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
+        ]
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids, target, index = self.rows[i]
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "loss_mask": target,
-            "problem_index": torch.tensor(index),
-        }
+        return self.examples[i]
 
 
 class PacedSampler(Sampler[int]):
@@ -350,6 +345,7 @@ class DistillDataModule(LightningDataModule):
         # The pacing state (saved in checkpoints): counts of the last estimate and the weights.
         self.correct: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None  # raw w per training problem (float64)
+        self._derived: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.cold_started = False
         self.rounds = 0
         self.last_estimate: dict[str, int | None] = {"step": None, "epoch": None}
@@ -411,10 +407,9 @@ class DistillDataModule(LightningDataModule):
             if not problems:
                 continue
             responses = self._responses(split, problems)
-            keep = list(range(len(problems)))
             if self.drop_incorrect_teacher_responses and split == "train":
-                keep = [i for i in keep if self.verifier(self._decode(responses[i]),
-                                                         problems[i].answer)]  # fmt: skip
+                keep = [i for i, (p, r) in enumerate(zip(problems, responses, strict=True))
+                        if self.verifier(self._decode(r), p.answer)]  # fmt: skip
                 log.info("lrkd: %d of %d teacher responses are correct; training on those",
                          len(keep), len(problems))  # fmt: skip
                 if not keep:
@@ -425,23 +420,19 @@ class DistillDataModule(LightningDataModule):
                 self.train_problems = [problems[i] for i in keep]
                 self._prompts["train"] = [self._prompts["train"][i] for i in keep]
                 responses = [responses[i] for i in keep]
-                keep = list(range(len(keep)))
-            self._datasets[split] = _Examples(
-                self._prompts[split], responses, keep, self.seq_length
-            )
+                self._derived = None
+            self._datasets[split] = _Examples(self._prompts[split], responses, self.seq_length)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _responses(self, split: str, problems: list[Problem]) -> list[list[int]]:
         """Response token ids (ending with EOS when complete) for every problem of a split."""
-        eos = self.tokenizer.eos_token_id
         responses: list[list[int] | None] = [None] * len(problems)
         if self.teacher_responses != "generate":
             for i, problem in enumerate(problems):
                 if problem.response is not None:
-                    ids = self.tokenizer(problem.response, add_special_tokens=False)["input_ids"]
-                    responses[i] = [*ids, eos]
+                    responses[i] = response_token_ids(self.tokenizer, problem.response)
         missing = [i for i, r in enumerate(responses) if r is None]
         if missing and self.teacher_responses == "dataset":
             raise ValueError(
@@ -552,7 +543,7 @@ class DistillDataModule(LightningDataModule):
         log_pacing(
             trainer.loggers,
             pass_rate=p,
-            weight=self.weight,
+            weight=self.relative_weights(),
             bucket_index=bucketize(p, self.bucket_edges),
             bucket_labels=bucket_labels(self.bucket_edges),
             num_samples=self.num_rollouts,
@@ -578,31 +569,40 @@ class DistillDataModule(LightningDataModule):
         )  # fmt: skip
         self.correct = correct.to(torch.int64).cpu()
         self.weight, self.cold_started = weights.weight, weights.cold_start
+        self._derived = None
 
-    def _raw_weight(self) -> torch.Tensor:
-        if self.weight is None:  # not estimated yet: plain distillation
-            return torch.ones(len(self.train_problems), dtype=torch.float64)
-        return self.weight
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(support, relative weight, loss weight), derived once per change of the weights."""
+        if self._derived is None:
+            weight = self.weight
+            if weight is None:  # not estimated yet: plain distillation
+                weight = torch.ones(len(self.train_problems), dtype=torch.float64)
+            if self.skip_zero_weight:
+                support = torch.nonzero(weight > 0).flatten()
+            else:
+                support = torch.arange(len(weight))
+            relative = weight / weight[support].mean()
+            loss = torch.ones_like(relative) if self.apply_weights == "sampling" else relative
+            self._derived = (support, relative, loss.float())
+        return self._derived
 
     def support(self) -> torch.Tensor:
         """Indices of the training problems the sampler draws in ``loss_weight`` mode."""
-        weight = self._raw_weight()
-        if self.skip_zero_weight:
-            return torch.nonzero(weight > 0).flatten()
-        return torch.arange(len(weight))
+        return self._weights()[0]
+
+    def relative_weights(self) -> torch.Tensor:
+        """``w / mean(w over the drawn problems)`` per training problem (float64)."""
+        return self._weights()[1]
 
     def sampling_probabilities(self) -> torch.Tensor:
         """The probability of drawing each training problem in ``sampling`` mode."""
-        weight = self._raw_weight()
-        return weight / weight.sum()
+        relative = self.relative_weights()
+        return relative / relative.sum()
 
     def loss_weights(self) -> torch.Tensor:
-        """The per-problem loss weight: ``w / mean(w over the drawn problems)`` in
-        ``loss_weight`` mode (so a drawn example weighs 1 on average), 1 in ``sampling``."""
-        weight = self._raw_weight()
-        if self.apply_weights == "sampling":
-            return torch.ones_like(weight, dtype=torch.float32)
-        return (weight / weight[self.support()].mean()).float()
+        """The per-problem loss weight: the relative weight in ``loss_weight`` mode (a drawn
+        example weighs 1 on average), 1 in ``sampling`` mode."""
+        return self._weights()[2]
 
     def batch_weight(self, problem_index: torch.Tensor) -> torch.Tensor:
         """The loss weights of a batch's examples, on the batch's device."""

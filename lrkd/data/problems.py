@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lrkd.data.text import jsonl_rows
 
 KINDS: tuple[str, ...] = ("add", "sub", "mul", "word")
 """The kinds of problem :func:`builtin_problems` can generate."""
@@ -97,7 +99,7 @@ def read_problems(
         )
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    for line_no, row in _jsonl_rows(path):
+    for line_no, row in jsonl_rows(path):
         where = f"{path}:{line_no}"
         problem = _problem_from_row(
             row, where, default_id=f"{path.stem}:{line_no}", prompt_field=prompt_field,
@@ -142,18 +144,6 @@ def write_problems(problems: Iterable[Problem], path: str | Path) -> Path:
             record = {key: value for key, value in record.items() if value is not None}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line number, parsed JSON)`` for every non-blank line of a file."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg})") from err
 
 
 def _problem_from_row(

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrkd.data.text import pad_collate, prompt_response_example
 from lrkd.models.students import model_logits
 
 __all__ = ["Rollouts", "completion_batch", "generate", "generation_model", "row_seed"]
@@ -300,15 +301,8 @@ def completion_batch(
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions")
-    rows = [[*p, *c] for p, c in zip(prompts, completions, strict=True)]
-    if max_length is not None:
-        rows = [r[:max_length] for r in rows]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    loss_mask = torch.zeros_like(input_ids)
-    for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-        loss_mask[i, len(prompt) : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    examples = [
+        prompt_response_example(list(p), list(c), max_length)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    return pad_collate(examples, pad_token_id)

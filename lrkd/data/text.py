@@ -50,7 +50,7 @@ def read_records(
                 yield {"text": paragraph.strip()}
         return
     if suffix in (".jsonl", ".json"):
-        rows: Iterator[tuple[int, Any]] = _jsonl_rows(path)
+        rows: Iterator[tuple[int, Any]] = jsonl_rows(path)
     elif suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
@@ -77,7 +77,12 @@ def read_records(
             )
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, parsed JSON)`` for every non-blank line of a JSONL file.
+
+    Raises:
+        ValueError: a line that is not JSON, naming the file and line number.
+    """
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -171,22 +176,39 @@ class PromptResponse(Dataset):
         self, records: list[dict[str, str]], tokenizer: Any, seq_length: int,
         chat_template: bool = True,
     ) -> None:  # fmt: skip
-        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for record in records:
-            prompt_ids = prompt_token_ids(tokenizer, record["prompt"], chat_template)
-            response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
-            response_ids = [*response_ids, tokenizer.eos_token_id]
-            ids = torch.tensor([*prompt_ids, *response_ids][:seq_length])
-            is_target = torch.zeros_like(ids)
-            is_target[len(prompt_ids) :] = 1
-            self.examples.append((ids, is_target))
+        self.examples = [
+            prompt_response_example(
+                prompt_token_ids(tokenizer, record["prompt"], chat_template),
+                response_token_ids(tokenizer, record["response"]),
+                seq_length,
+            )
+            for record in records
+        ]  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids, is_target = self.examples[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": is_target}
+        return self.examples[index]
+
+
+def response_token_ids(tokenizer: Any, response: str) -> list[int]:
+    """Token ids of a response text, closed by the EOS token (a target too)."""
+    return [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+def prompt_response_example(
+    prompt_ids: list[int], response_ids: list[int], seq_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """One example of prompt + response tokens in which only the response tokens are targets.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``loss_mask`` [L], truncated to ``seq_length``.
+    """
+    ids = torch.tensor([*prompt_ids, *response_ids][:seq_length], dtype=torch.long)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[len(prompt_ids) :] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
 
 
 def pad_collate(

@@ -15,22 +15,11 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import even_first_character_verifier, make_tiny_llama, make_tokenizer
 
 from lrkd.data.datamodule import DistillDataModule
-from lrkd.data.verifiers import Verifier
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
-
-
-class EvenFirstCharacter(Verifier):
-    """Accepts a completion whose first character has an even code (pass rates near 1/2)."""
-
-    def extract(self, completion: str) -> str | None:
-        return completion[:1] or None
-
-    def matches(self, candidate: str, answer: str) -> bool:
-        return ord(candidate) % 2 == 0
 
 
 class Record(Callback):
@@ -56,7 +45,7 @@ def main(out_dir: str, devices: int) -> None:
         num_problems=30,
         val_fraction=0.2,
         chat_template=False,
-        verifier=EvenFirstCharacter(),
+        verifier=even_first_character_verifier(),
         num_rollouts=6,
         rollout_max_new_tokens=3,
         teacher_max_new_tokens=5,

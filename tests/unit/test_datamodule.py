@@ -8,24 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import even_first_character_verifier
 from lightning.pytorch import Trainer
 
 from lrkd.data.datamodule import DistillDataModule, PacedSampler
 from lrkd.data.problems import Problem, write_problems
-from lrkd.data.verifiers import Verifier
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
-
-
-class EvenFirstCharacter(Verifier):
-    """Accepts a completion whose first character has an even code: a random tiny model passes
-    about half the time, so pass rates are spread and change as the model changes."""
-
-    def extract(self, completion: str) -> str | None:
-        return completion[:1] or None
-
-    def matches(self, candidate: str, answer: str) -> bool:
-        return ord(candidate) % 2 == 0
 
 
 class RecordingModule(DistillationModule):
@@ -46,7 +35,7 @@ def _datamodule(tmp_path, teacher_dir, **kwargs) -> DistillDataModule:
         num_problems=24,
         val_fraction=0.25,
         chat_template=False,
-        verifier=EvenFirstCharacter(),
+        verifier=even_first_character_verifier(),
         num_rollouts=4,
         rollout_max_new_tokens=4,
         teacher_max_new_tokens=6,
