@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from lrkd.data.rollout import batch_prompts, completion_batch, generate, generation_model, row_seed
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
@@ -34,6 +35,16 @@ class DistillationModule(LightningModule):
     Batches are dicts with ``input_ids`` [B, L], ``attention_mask`` [B, L], ``loss_mask`` [B, L]
     (1 where the token is a training target, i.e. its prediction from the previous position
     counts) and optionally ``weight`` [B].
+
+    **On-policy steps** (GKD, Agarwal et al. 2024): a share ``on_policy_fraction`` of the
+    training batches is replaced by the student's own completions of the batch's prompts (the
+    tokens before each row's first target). The student samples one completion per prompt
+    without gradients; teacher and student then score prompt + completion, and the divergence is
+    taken on the generated tokens only (including the EOS the student wrote, never the prompt or
+    the padding). Gradients flow through the student's scoring forward only, not through the
+    sampling, as in GKD and TRL's GKDTrainer. The batch's ``weight`` (the PACED weight) still
+    multiplies each row. With ``divergence: reverse_kl`` this is on-policy reverse KL;
+    :class:`lrkd.callbacks.two_stage.TwoStageKL` switches to it partway through training.
 
     The teacher's weights are not stored in checkpoints (they are reloaded from ``teacher``).
 
@@ -64,6 +75,19 @@ class DistillationModule(LightningModule):
             teacher tokenizer's length when the teacher is loaded by name.
         teacher_dtype: dtype of the teacher's weights: ``float32``, ``bfloat16``, ``float16``,
             or ``auto`` (bfloat16 on a GPU that supports it, else float32).
+        on_policy_fraction: share of training batches on which the student's own completions
+            replace the data's responses (GKD's lambda): 0 never (plain distillation), 1 always.
+            Which batches are on-policy is a fixed function of ``on_policy_seed`` and the step,
+            the same on every rank and after resuming.
+        on_policy_max_new_tokens: the longest completion the student samples on an on-policy
+            step.
+        on_policy_temperature: sampling temperature of those completions (0 is greedy). 1
+            samples from the student's own distribution, which is what on-policy reverse KL
+            assumes.
+        on_policy_top_p: nucleus sampling threshold of those completions (1 disables it).
+        on_policy_seed: seed of the on-policy sampling and of the choice of on-policy batches.
+        eos_token_id: the token id(s) that end a sampled completion; ``None`` takes the
+            tokenizer's EOS (the teacher's, else the DataModule's), else the teacher config's.
         optimizer: optimizer for the student's trainable parameters (default AdamW, lr 1e-3).
         lr_scheduler: optional learning-rate scheduler, stepped every optimizer step.
     """
@@ -83,6 +107,12 @@ class DistillationModule(LightningModule):
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         teacher_dtype: str = "auto",
+        on_policy_fraction: float = 0.0,
+        on_policy_max_new_tokens: int = 64,
+        on_policy_temperature: float = 1.0,
+        on_policy_top_p: float = 1.0,
+        on_policy_seed: int = 0,
+        eos_token_id: int | list[int] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -100,6 +130,9 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"model: {err} (see model.temperature, jsd_beta, skew_alpha)."
             ) from err
+        _check_on_policy(
+            on_policy_fraction, on_policy_max_new_tokens, on_policy_temperature, on_policy_top_p
+        )
         if teacher_dtype not in (*_DTYPES, "auto"):
             raise ValueError(
                 f"model.teacher_dtype={teacher_dtype!r}; choose auto, {', '.join(_DTYPES)}."
@@ -117,6 +150,17 @@ class DistillationModule(LightningModule):
         self.clone_weight = clone_weight
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.on_policy_fraction = on_policy_fraction
+        self._on_policy_enabled = on_policy_fraction > 0
+        self.on_policy_max_new_tokens = on_policy_max_new_tokens
+        self.on_policy_temperature = on_policy_temperature
+        self.on_policy_top_p = on_policy_top_p
+        self.on_policy_seed = on_policy_seed
+        self.eos_token_id = eos_token_id
+        # The plain model a low-rank clone is multiplied out into for sampling, refilled in place
+        # each on-policy step; set with object.__setattr__ so that it is not a submodule (no
+        # parameters, state dict or device moves of its own).
+        object.__setattr__(self, "_rollout_model", None)
 
         self.tokenizer: Any = None
         if isinstance(teacher, str):
@@ -178,6 +222,33 @@ class DistillationModule(LightningModule):
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         callbacks = getattr(datamodule, "training_callbacks", None)
         return list(callbacks()) if callable(callbacks) else []
+
+    def set_divergence(self, kind: str, temperature: float | None = None) -> None:
+        """Switch the divergence (and optionally its temperature) from the next batch on; the
+        other divergence settings are kept. Used by :class:`~lrkd.callbacks.two_stage.TwoStageKL`.
+        """
+        if kind not in DIVERGENCE_KINDS:
+            raise ValueError(
+                f"divergence {kind!r} is not a known divergence; choose one of "
+                f"{', '.join(DIVERGENCE_KINDS)}."
+            )
+        old = self.kd_loss
+        self.kd_loss = KDDivergence(
+            kind,  # type: ignore[arg-type]
+            old.temperature if temperature is None else temperature,
+            beta=old.beta,
+            skew_alpha=old.skew_alpha,
+            chunk_size=old.chunk_size,
+        )
+
+    def set_on_policy_fraction(self, fraction: float) -> None:
+        """Set the share of on-policy training batches from the next batch on."""
+        _check_on_policy(
+            fraction, self.on_policy_max_new_tokens, self.on_policy_temperature,
+            self.on_policy_top_p,
+        )  # fmt: skip
+        self.on_policy_fraction = fraction
+        self._on_policy_enabled |= fraction > 0
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode for the student; the teacher always stays in eval mode."""
@@ -274,7 +345,10 @@ class DistillationModule(LightningModule):
             f"{stage}/loss", terms["loss"], prog_bar=True, on_step=on_step, on_epoch=not on_step,
             batch_size=batch_size, sync_dist=sync,
         )  # fmt: skip
-        names = {"kd": f"kd_{self.kd_loss.kind}", "ce": "ce", "ce_teacher": "ce_teacher"}
+        # Training logs one ``kd`` curve whatever the divergence (it may change mid-run, and
+        # Lightning re-logs a step key that stopped being logged); evaluation names it.
+        kd_name = "kd" if stage == "train" else f"kd_{self.kd_loss.kind}"
+        names = {"kd": kd_name, "ce": "ce", "ce_teacher": "ce_teacher"}
         names.update({k: k for k in terms if k.startswith("clone")})
         for key in sorted(terms.keys() & names.keys()):
             self.log(
@@ -283,10 +357,120 @@ class DistillationModule(LightningModule):
             )  # fmt: skip
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One distillation step on a training batch; logs ``train/*``."""
+        """One distillation step on a training batch (on the student's own completions of its
+        prompts when the step is on-policy); logs ``train/*``."""
+        on_policy = self.is_on_policy_step(batch_idx)
+        if on_policy:
+            batch = self.on_policy_batch(batch, batch_idx)
         terms = self.distillation_loss(batch)
-        self._log_terms("train", terms, batch["input_ids"].shape[0])
+        batch_size = batch["input_ids"].shape[0]
+        self._log_terms("train", terms, batch_size)
+        if self._on_policy_enabled:  # every step from then on: Lightning re-logs stale keys
+            self.log_dict(
+                {"train/on_policy": float(on_policy), **self._response_stats(batch)},
+                on_step=True, batch_size=batch_size,
+            )  # fmt: skip
         return terms["loss"]
+
+    def _response_stats(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean target tokens per row, and the share of rows whose targets do not end with EOS
+        (cut at the length limit), of the batch trained on (data or the student's rollouts)."""
+        targets = batch["loss_mask"].to(torch.bool)
+        if "attention_mask" in batch:
+            targets &= batch["attention_mask"].to(torch.bool)
+        positions = torch.arange(targets.shape[1], device=targets.device)
+        last = torch.where(targets, positions, -1).amax(dim=-1)
+        last_token = batch["input_ids"].gather(1, last.clamp_min(0)[:, None]).squeeze(1)
+        eos = torch.tensor(self._eos_token_ids(), device=last_token.device)
+        ended = torch.isin(last_token, eos) & (last >= 0)
+        return {
+            "train/response_tokens": targets.sum(dim=-1).float().mean(),
+            "train/response_truncated": (~ended).float().mean(),
+        }
+
+    def is_on_policy_step(self, batch_idx: int) -> bool:
+        """Whether this training batch uses the student's own completions.
+
+        A fraction strictly between 0 and 1 is applied by a draw that depends only on
+        ``on_policy_seed``, the global step and ``batch_idx``, so every rank agrees and a
+        resumed run makes the same choices."""
+        if self.on_policy_fraction <= 0.0:
+            return False
+        if self.on_policy_fraction >= 1.0:
+            return True
+        draw = row_seed(self.on_policy_seed, f"on_policy@{self.global_step}", batch_idx) / 2.0**63
+        return draw < self.on_policy_fraction
+
+    def on_policy_batch(
+        self, batch: dict[str, torch.Tensor], batch_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Replace the responses of a prompt+response batch by the student's own completions.
+
+        Returns:
+            A batch of each row's prompt followed by one sampled completion, in which only the
+            completion tokens are targets (``loss_mask``), with the original ``weight`` and
+            ``problem_index`` carried over.
+        """
+        prompts = batch_prompts(batch)
+        eos_ids = self._eos_token_ids()
+        pad = self._pad_token_id(eos_ids)
+        if "problem_index" in batch:
+            keys: list[str | int] = batch["problem_index"].tolist()
+        else:
+            keys = [f"{self.global_rank}.{row}" for row in range(len(prompts))]
+        model = generation_model(self.student, reuse=self._rollout_model)
+        if model is not self.student:
+            object.__setattr__(self, "_rollout_model", model)
+        rollouts = generate(
+            model,
+            prompts,
+            num_samples=1,
+            max_new_tokens=self.on_policy_max_new_tokens,
+            temperature=self.on_policy_temperature,
+            top_p=self.on_policy_top_p,
+            eos_token_id=eos_ids,
+            pad_token_id=pad,
+            batch_size=len(prompts),
+            seed=row_seed(self.on_policy_seed, f"rollout@{self.global_step}", batch_idx),
+            keys=keys,
+        )
+        completions = [per_prompt[0] for per_prompt in rollouts.completion_ids]
+        out = completion_batch(prompts, completions, pad)
+        for key in ("weight", "problem_index"):
+            if key in batch:
+                out[key] = batch[key]
+        return {key: value.to(self.device) for key, value in out.items()}
+
+    def _eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is not None:
+            ids = self.eos_token_id
+        else:
+            ids = None
+            for tokenizer in (self.tokenizer, self._datamodule_tokenizer()):
+                ids = getattr(tokenizer, "eos_token_id", None)
+                if ids is not None:
+                    break
+            for source in ("generation_config", "config"):
+                if ids is None:
+                    ids = getattr(getattr(self.teacher, source, None), "eos_token_id", None)
+        if ids is None:
+            raise ValueError(
+                "On-policy steps need an end-of-sequence token: set model.eos_token_id (no "
+                "tokenizer or teacher config names one)."
+            )
+        return [ids] if isinstance(ids, int) else list(ids)
+
+    def _pad_token_id(self, eos_ids: list[int]) -> int:
+        for tokenizer in (self.tokenizer, self._datamodule_tokenizer()):
+            pad = getattr(tokenizer, "pad_token_id", None)
+            if pad is not None:
+                return int(pad)
+        pad = getattr(getattr(self.teacher, "config", None), "pad_token_id", None)
+        return eos_ids[0] if pad is None else int(pad)
+
+    def _datamodule_tokenizer(self) -> Any:
+        trainer = self._trainer
+        return getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Loss terms on a validation batch; logs ``val/*`` epoch means."""
@@ -342,6 +526,19 @@ class DistillationModule(LightningModule):
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.teacher.state_dict().items():
             state.setdefault(f"teacher.{key}", value)
+
+
+def _check_on_policy(
+    fraction: float, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"model.on_policy_fraction={fraction}; it is a share in [0, 1].")
+    if max_new_tokens < 1:
+        raise ValueError(f"model.on_policy_max_new_tokens={max_new_tokens}; it must be >= 1.")
+    if temperature < 0.0:
+        raise ValueError(f"model.on_policy_temperature={temperature}; it must be >= 0 (0: greedy).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"model.on_policy_top_p={top_p}; it must be in (0, 1].")
 
 
 def _runs_with_teacher(student: nn.Module) -> bool:

@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from lrkd.data.text import pad_collate, prompt_response_example
 from lrkd.models.students import model_logits
 
-__all__ = ["Rollouts", "completion_batch", "generate", "generation_model", "row_seed"]
+__all__ = [
+    "Rollouts",
+    "batch_prompts",
+    "completion_batch",
+    "generate",
+    "generation_model",
+    "row_seed",
+]
 
 
 @dataclass
@@ -58,13 +65,22 @@ def row_seed(seed: int, key: str | int, sample: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def generation_model(model: nn.Module) -> nn.Module:
+def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
     """The module to generate with: a low-rank clone is multiplied out into a plain Hugging Face
     model on the clone's device (one weight generation, then KV-cached decoding); any other
-    model is returned as it is."""
+    model is returned as it is.
+
+    Args:
+        model: the model that should write.
+        reuse: a model returned by an earlier call for the same clone; its weights are
+            refreshed in place rather than building a new model (much faster when called every
+            training step).
+    """
     materialize = getattr(model, "materialize", None)
     if not callable(materialize):
         return model
+    if reuse is not None:
+        return materialize(into=reuse)
     param = next(model.parameters())
     return materialize().to(param.device)
 
@@ -306,3 +322,31 @@ def completion_batch(
         for p, c in zip(prompts, completions, strict=True)
     ]
     return pad_collate(examples, pad_token_id)
+
+
+def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The prompt of each row of a prompt+response training batch.
+
+    A row's prompt is its attended tokens before its first training target (``loss_mask``),
+    so right or left padding and the response itself are left out.
+
+    Raises:
+        ValueError: a row whose first attended token is already a target (packed text rather
+            than prompt + response data): there is nothing to prompt the model with.
+    """
+    input_ids = batch["input_ids"]
+    attended = batch.get("attention_mask", torch.ones_like(input_ids)).to(torch.bool)
+    targets = batch["loss_mask"].to(torch.bool) & attended
+    before_first_target = targets.long().cumsum(dim=-1) == 0
+    keep = (attended & before_first_target).cpu()
+    input_ids = input_ids.cpu()
+    prompts = [input_ids[row][keep[row]].tolist() for row in range(input_ids.shape[0])]
+    empty = [row for row, prompt in enumerate(prompts) if not prompt]
+    if empty:
+        raise ValueError(
+            f"batch rows {empty} have no prompt tokens (their first token is a training target). "
+            "On-policy steps sample a completion of each row's prompt, so they need "
+            "prompt + response data (loss_mask 0 on the prompt), e.g. DistillDataModule or "
+            "TextDataModule with prompt/response records, not packed text."
+        )
+    return prompts

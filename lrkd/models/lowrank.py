@@ -744,25 +744,39 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
-    def materialize(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    @torch.no_grad()
+    def materialize(
+        self, dtype: torch.dtype = torch.float32, into: nn.Module | None = None
+    ) -> nn.Module:
         """Multiply the projections out and return a plain transformers model of the teacher's
-        family with ``hidden_size = d_S`` (its config carries an explicit ``head_dim``)."""
-        from transformers import AutoModelForCausalLM
+        family with ``hidden_size = d_S`` (its config carries an explicit ``head_dim``).
 
-        config = copy.deepcopy(self.config)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state = {spec.name: _generate(spec) for spec in self._specs}
+        Args:
+            dtype: dtype of the new model (ignored with ``into``).
+            into: a model returned by an earlier call: its weights are overwritten in place (on
+                its own device and dtype) instead of building a new model, which saves the
+                model construction when a fresh copy is needed every step (on-policy rollouts).
+                With ``cache_weights`` the generated weights are the step's cached ones, so the
+                training forward that follows does not generate them again.
+        """
+        weights = self.generated_weights()
+        state = {spec.name: weights[i].detach() for i, spec in enumerate(self._specs)}
         state.update({f"model.layers.{n}": p for n, p in self.layers.named_parameters()})
         state["model.norm.weight"] = self.norm.weight
-        missing, unexpected = model.load_state_dict(
-            {k: v.detach().float().cpu() for k, v in state.items()}, strict=False
-        )
+        if into is None:
+            from transformers import AutoModelForCausalLM
+
+            into = AutoModelForCausalLM.from_config(copy.deepcopy(self.config), dtype=torch.float32)
+            state = {k: v.detach().float().cpu() for k, v in state.items()}
+        else:
+            dtype = next(into.parameters()).dtype
+        missing, unexpected = into.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
         if missing or unexpected:
             raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
         if self.tied:
-            model.tie_weights()
-        return model.to(dtype).eval()
+            into.tie_weights()
+        return into.to(dtype).eval()
 
 
 def _call_layer(

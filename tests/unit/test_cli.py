@@ -67,7 +67,7 @@ def test_fit_writes_logs_checkpoint_and_exported_student(tmp_path, tiny_teacher_
     tags = set(acc.Tags()["scalars"])
     assert {
         "train/loss",
-        "train/kd_forward_kl",
+        "train/kd",
         "train/ce",
         "val/loss",
         "val/kd_forward_kl",
