@@ -1,0 +1,105 @@
+"""A two-stage (forward then on-policy reverse KL) paced run on 2 CPU processes (DDP, gloo).
+
+Usage: python two_stage_ddp_run.py OUT_DIR NAME MAX_STEPS [CKPT]. Trains the tiny teacher's
+student for MAX_STEPS steps with TwoStageKL switching at step 4, checkpointing every step under
+OUT_DIR/NAME/ckpt, resuming from CKPT when given; each rank writes OUT_DIR/NAME/rank<r>.json with
+the stage, divergence and on-policy flag of every step it trained. Run as its own process: DDP
+re-executes this file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
+
+from conftest import even_first_character_verifier, make_tiny_llama, make_tokenizer
+
+from lrkd.callbacks.two_stage import TwoStageKL
+from lrkd.data.datamodule import DistillDataModule
+from lrkd.models.students import FromTeacherConfig
+from lrkd.module import DistillationModule
+
+SWITCH_STEP = 4
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({
+            "step": trainer.global_step - 1,
+            "stage": trainer.callback_metrics["train/stage"].item(),
+            "divergence": pl_module.kd_loss.kind,
+            "on_policy": trainer.callback_metrics["train/on_policy"].item()
+            if "train/on_policy" in trainer.callback_metrics else 0.0,
+            "weighted": "weight" in batch,
+        })  # fmt: skip
+
+
+def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
+    out = Path(out_dir)
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
+        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
+        make_tokenizer().save_pretrained(teacher_dir)
+    seed_everything(0)
+    datamodule = DistillDataModule(
+        tokenizer=str(teacher_dir),
+        num_problems=24,
+        val_fraction=0.25,
+        chat_template=False,
+        verifier=even_first_character_verifier(),
+        num_rollouts=4,
+        rollout_max_new_tokens=3,
+        teacher_max_new_tokens=5,
+        rollout_batch_size=8,
+        estimate_every_n_steps=3,
+        estimate_every_n_epochs=None,
+        batch_size=2,
+        seq_length=40,
+        response_cache_dir=str(out / "cache"),
+    )
+    module = DistillationModule(
+        teacher=str(teacher_dir),
+        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        teacher_dtype="float32",
+        on_policy_max_new_tokens=4,
+    )
+    record = Record()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            TwoStageKL(switch_step=SWITCH_STEP, second_lr_scale=0.5),
+            record,
+            ModelCheckpoint(dirpath=out / name / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                            filename="{step}"),
+        ],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    result = {
+        "steps": record.steps,
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "student_checksum": float(sum(p.double().sum() for p in module.student.parameters())),
+    }
+    (out / name / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
