@@ -1,4 +1,5 @@
-"""PACED vs uniform vs hard-filter weighting at equal training steps.
+"""PACED vs uniform vs hard-filter weighting, and forward vs reverse vs two-stage KL, at equal
+training steps.
 
 Same teacher (the built-in SmolLM2-135M-Instruct), same student (a Low-Rank Clone, by default
 504 wide with the activation-PCA init, so that it starts with some arithmetic competence), same
@@ -10,11 +11,23 @@ number of optimizer steps and batch size. Arms differ only in ``data.weighting``
 - ``uniform``: plain forward-KL distillation (no estimation);
 - ``hard_filter``: weight 1 for problems with 0 < p < 1, none for the rest.
 
+``--schedules`` adds the KL schedule as a second axis (issue 5):
+
+- ``forward_kl``: forward KL on the teacher's responses throughout (the default);
+- ``reverse_kl``: reverse KL on the student's own completions (one per prompt, temperature 1,
+  ``--on-policy-tokens`` new tokens) on every step;
+- ``two_stage``: forward KL, then on-policy reverse KL from ``--switch-fraction`` of the steps
+  (:class:`lrkd.callbacks.two_stage.TwoStageKL`).
+
+Every run has the same optimizer steps, batch size, estimation rounds and data; on-policy steps
+additionally pay for sampling, which the time column shows.
+
 p is re-estimated every ``--estimate-every`` steps from ``--rollouts`` samples per problem.
 Reported: the student's greedy pass@1 on the held-out problems before training and after, per
 arm, with its binomial standard error, the teacher's pass@1, and the wall time of each arm.
 
     python benchmarks/paced_vs_uniform.py --steps 120 --out docs/figures/paced_vs_uniform
+    python benchmarks/paced_vs_uniform.py --arms paced --schedules forward_kl reverse_kl two_stage
 """
 
 from __future__ import annotations
@@ -29,15 +42,17 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 
+from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
 
 ARMS = ("paced", "uniform", "hard_filter")
+SCHEDULES = ("forward_kl", "reverse_kl", "two_stage")
 
 
-def run_arm(arm: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
+def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
     """Train one arm from the same initial student; return held-out pass@1 before and after."""
     torch.manual_seed(args.seed)
     student = LowRankCloneBuilder(
@@ -46,6 +61,9 @@ def run_arm(arm: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dic
     )  # fmt: skip
     module = DistillationModule(
         teacher, student, clone_weight=args.clone_weight, teacher_dtype="float32",
+        divergence="reverse_kl" if schedule == "reverse_kl" else "forward_kl",
+        on_policy_fraction=1.0 if schedule == "reverse_kl" else 0.0,
+        on_policy_max_new_tokens=args.on_policy_tokens,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )  # fmt: skip
     module.tokenizer = args.tokenizer
@@ -73,6 +91,8 @@ def run_arm(arm: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dic
         accelerator="cpu", max_steps=args.steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=1.0,
+        callbacks=[TwoStageKL(switch_fraction=args.switch_fraction)]
+        if schedule == "two_stage" else [],
     )  # fmt: skip
     start = time.perf_counter()
     datamodule.trainer = trainer  # evaluate() before fit needs the trainer's strategy
@@ -86,6 +106,7 @@ def run_arm(arm: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dic
     p = datamodule.correct
     return {
         "arm": arm,
+        "schedule": schedule,
         "pass@1_before": before,
         "pass@1_after": after,
         "stderr_after": math.sqrt(max(after * (1 - after), 1e-12) / n_val),
@@ -101,6 +122,9 @@ def run_arm(arm: str, teacher: torch.nn.Module, args: argparse.Namespace) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--schedules", nargs="+", default=["forward_kl"], choices=SCHEDULES)
+    parser.add_argument("--switch-fraction", type=float, default=0.5)
+    parser.add_argument("--on-policy-tokens", type=int, default=24)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--problems", type=int, default=480)
@@ -121,9 +145,10 @@ def main() -> None:
     teacher = load_teacher("smollm2-135m-instruct", dtype=torch.float32)
     args.tokenizer = load_tokenizer("smollm2-135m-instruct")
     results = []
-    for arm in args.arms:
-        results.append(run_arm(arm, teacher, args))
-        print(json.dumps(results[-1]), flush=True)
+    for schedule in args.schedules:
+        for arm in args.arms:
+            results.append(run_arm(arm, schedule, teacher, args))
+            print(json.dumps(results[-1]), flush=True)
 
     print()
     print(
@@ -131,12 +156,15 @@ def main() -> None:
         f"K={args.rollouts}, re-estimated every {args.estimate_every} steps, seed {args.seed}"
     )
     print(f"teacher pass@1 on the held-out problems: {results[0]['teacher_pass@1']:.3f}")
-    print("| arm | pass@1 before | pass@1 after (± s.e.) | last mean p | time (s) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| weighting | schedule | pass@1 before | pass@1 after (± s.e.) | last mean p | time (s) |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results:
         mean_p = "-" if r["last_mean_pass_rate"] is None else f"{r['last_mean_pass_rate']:.3f}"
-        print(f"| {r['arm']} | {r['pass@1_before']:.3f} | {r['pass@1_after']:.3f} ± "
-              f"{r['stderr_after']:.3f} | {mean_p} | {r['seconds']:.0f} |")  # fmt: skip
+        print(f"| {r['arm']} | {r['schedule']} | {r['pass@1_before']:.3f} | "
+              f"{r['pass@1_after']:.3f} ± {r['stderr_after']:.3f} | {mean_p} | "
+              f"{r['seconds']:.0f} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("tokenizer", "out")}
     args.out.with_suffix(".json").write_text(

@@ -182,7 +182,9 @@ class TwoStageKL(Callback):
         log.info("lrkd: TwoStageKL %s", note)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("two_stage/switch", note, global_step=trainer.global_step)
+                logger.experiment.add_text(
+                    "two_stage/switch", note, global_step=trainer.global_step
+                )
 
 
 def _scale_learning_rate(trainer: Trainer, scale: float) -> None:

@@ -139,13 +139,13 @@ def test_low_rank_clone_of_the_real_teacher_matches_its_export(module: Distillat
 
 
 def test_paced_config_runs_and_logs_pacing_plots(tmp_path) -> None:
-    """configs/paced/smollm2_lrc.yaml as shipped, shortened: teacher responses, a pass-rate
+    """configs/paced/forward_kl_paced.yaml as shipped, shortened: teacher responses, a pass-rate
     estimate with the real verifier, weighted steps, validation pass@1, TensorBoard plots."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = tmp_path / "runs"
     main([
-        "fit", "--config", "configs/paced/smollm2_lrc.yaml",
+        "fit", "--config", "configs/paced/forward_kl_paced.yaml",
         "--model.student.init_args.hidden_size", "189",
         "--data.num_problems", "30", "--data.num_rollouts", "2",
         "--data.rollout_max_new_tokens", "12", "--data.teacher_max_new_tokens", "16",
@@ -155,7 +155,7 @@ def test_paced_config_runs_and_logs_pacing_plots(tmp_path) -> None:
         "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
     ])  # fmt: skip
-    (version,) = (runs / "paced").iterdir()
+    (version,) = (runs / "forward_kl_paced").iterdir()
     events = EventAccumulator(str(version), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
@@ -169,3 +169,41 @@ def test_paced_config_runs_and_logs_pacing_plots(tmp_path) -> None:
     assert sum(counts) == 24  # every training problem is in one bucket
     teacher = events.Scalars("val/pass@1_teacher")[-1].value
     assert 0.0 < teacher < 1.0  # the teacher solves some held-out problems, not all
+
+
+def test_two_stage_config_switches_to_on_policy_reverse_kl(tmp_path) -> None:
+    """configs/paced/two_stage_paced.yaml as shipped, shortened: forward KL for 2 steps, then
+    the real student samples its own answers and trains on reverse KL over them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs"
+    main([
+        "fit", "--config", "configs/paced/two_stage_paced.yaml",
+        "--model.student.init_args.hidden_size", "189",
+        "--model.on_policy_max_new_tokens", "8",
+        "--data.num_problems", "30", "--data.num_rollouts", "2",
+        "--data.rollout_max_new_tokens", "12", "--data.teacher_max_new_tokens", "16",
+        "--data.estimate_every_n_steps", "null", "--data.val_num_rollouts", "1",
+        "--data.batch_size", "4",
+        "--data.response_cache_dir", str(tmp_path / "cache"),
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(runs),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
+    ])  # fmt: skip
+    (version,) = (runs / "two_stage_paced").iterdir()
+    events = EventAccumulator(str(version), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/stage")] == [
+        (0, 1.0), (1, 1.0), (2, 2.0), (3, 2.0),
+    ]  # fmt: skip
+    notes = [
+        e.tensor_proto.string_val[0].decode()
+        for e in events.Tensors("two_stage/switch/text_summary")
+    ]
+    assert "stage 2 from step 2: divergence reverse_kl" in notes[-1]
+    on_policy = [e.value for e in events.Scalars("train/on_policy")]
+    assert on_policy[-2:] == [1.0, 1.0]
+    tokens = [e.value for e in events.Scalars("train/response_tokens")][-2:]
+    assert all(0 < t <= 8 for t in tokens)  # the student's completions, at most 8 tokens
+    assert {"val/kd_reverse_kl", "val/pass@1"} <= set(events.Tags()["scalars"])

@@ -67,8 +67,14 @@ def test_batch_prompts_right_and_left_padding() -> None:
 
 def test_batch_prompts_refuses_packed_text() -> None:
     ids = torch.randint(4, 100, (2, 8))
-    packed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
-    with pytest.raises(ValueError, match=r"rows \[0, 1\] have no prompt tokens.*prompt \+ response"):
+    packed = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "loss_mask": torch.ones_like(ids),
+    }
+    with pytest.raises(
+        ValueError, match=r"rows \[0, 1\] have no prompt tokens.*prompt \+ response"
+    ):
         batch_prompts(packed)
 
 
@@ -109,8 +115,12 @@ def _reverse_kl_reference(module: DistillationModule, batch: dict[str, torch.Ten
     """Weighted reverse KL(student || teacher) in float64, by hand, on the batch's targets."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        log_p = torch.log_softmax(module.teacher(input_ids=ids, attention_mask=attn).logits.double(), -1)
-    log_q = torch.log_softmax(module.student(input_ids=ids, attention_mask=attn).logits.double(), -1)
+        log_p = torch.log_softmax(
+            module.teacher(input_ids=ids, attention_mask=attn).logits.double(), -1
+        )
+    log_q = torch.log_softmax(
+        module.student(input_ids=ids, attention_mask=attn).logits.double(), -1
+    )
     # Position t predicts token t + 1, which counts when it is a (generated) target.
     mask = (batch["loss_mask"][:, 1:] * attn[:, 1:]).double()
     rkl = (log_q.exp() * (log_q - log_p)).sum(-1)[:, :-1] * mask
@@ -141,7 +151,7 @@ def test_on_policy_loss_is_reverse_kl_on_generated_tokens_and_teacher_gets_no_gr
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
 def test_training_step_uses_on_policy_batch() -> None:
     """Through training_step: the loss is the on-policy batch's, not the data's."""
     torch.manual_seed(0)
@@ -200,7 +210,7 @@ def test_missing_eos_fails_clearly() -> None:
         on_policy_fraction=1.0,
     )
     batch, _ = _prompt_response_batch()
-    with pytest.raises(ValueError, match="model.eos_token_id"):
+    with pytest.raises(ValueError, match=r"model\.eos_token_id"):
         module.on_policy_batch(batch, 0)
 
 
@@ -210,5 +220,5 @@ def test_missing_eos_fails_clearly() -> None:
      ("on_policy_top_p", 0.0)],
 )  # fmt: skip
 def test_on_policy_settings_are_checked(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=f"model.{field}"):
+    with pytest.raises(ValueError, match=rf"model\.{field}"):
         _module(**{field: value})

@@ -95,7 +95,9 @@ def test_divergence_switches_exactly_at_the_configured_step(tmp_path) -> None:
 
 
 def test_switch_fraction_and_temperature(tmp_path) -> None:
-    callback = TwoStageKL(switch_fraction=0.25, second_temperature=2.0, second_on_policy_fraction=0.5)
+    callback = TwoStageKL(
+        switch_fraction=0.25, second_temperature=2.0, second_on_policy_fraction=0.5
+    )
     _, probe, rows = _fit(tmp_path, 8, callback)
     assert callback.switch_step == 2
     assert [s for s, *_ in probe.seen] == list(range(8))
@@ -141,7 +143,8 @@ def test_lr_scale_moves_a_schedule(tmp_path) -> None:
     schedule = lambda step: min(1.0, (step + 1) / 4)  # noqa: E731
 
     class Record(Callback):
-        lrs: list[float] = []
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
