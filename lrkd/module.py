@@ -441,18 +441,28 @@ class DistillationModule(LightningModule):
                 out[key] = batch[key]
         return {key: value.to(self.device) for key, value in out.items()}
 
+    def _token_setting(self, name: str) -> Any:
+        """``eos_token_id`` / ``pad_token_id`` from the first source that names one: the
+        teacher's tokenizer, the DataModule's, the teacher's generation config, its config."""
+        trainer = self._trainer
+        sources = (
+            self.tokenizer,
+            getattr(getattr(trainer, "datamodule", None), "tokenizer", None),
+            getattr(self.teacher, "generation_config", None),
+            getattr(self.teacher, "config", None),
+        )
+        for source in sources:
+            value = getattr(source, name, None)
+            if value is not None:
+                return value
+        return None
+
     def _eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is not None:
-            ids = self.eos_token_id
-        else:
-            ids = None
-            for tokenizer in (self.tokenizer, self._datamodule_tokenizer()):
-                ids = getattr(tokenizer, "eos_token_id", None)
-                if ids is not None:
-                    break
-            for source in ("generation_config", "config"):
-                if ids is None:
-                    ids = getattr(getattr(self.teacher, source, None), "eos_token_id", None)
+        ids = (
+            self.eos_token_id
+            if self.eos_token_id is not None
+            else self._token_setting("eos_token_id")
+        )
         if ids is None:
             raise ValueError(
                 "On-policy steps need an end-of-sequence token: set model.eos_token_id (no "
@@ -461,16 +471,8 @@ class DistillationModule(LightningModule):
         return [ids] if isinstance(ids, int) else list(ids)
 
     def _pad_token_id(self, eos_ids: list[int]) -> int:
-        for tokenizer in (self.tokenizer, self._datamodule_tokenizer()):
-            pad = getattr(tokenizer, "pad_token_id", None)
-            if pad is not None:
-                return int(pad)
-        pad = getattr(getattr(self.teacher, "config", None), "pad_token_id", None)
+        pad = self._token_setting("pad_token_id")
         return eos_ids[0] if pad is None else int(pad)
-
-    def _datamodule_tokenizer(self) -> Any:
-        trainer = self._trainer
-        return getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Loss terms on a validation batch; logs ``val/*`` epoch means."""

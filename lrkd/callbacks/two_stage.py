@@ -25,7 +25,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lrkd.losses import DIVERGENCE_KINDS
+from lrkd.losses import DIVERGENCE_KINDS, DivergenceKind
 
 log = logging.getLogger("lrkd")
 
@@ -44,7 +44,8 @@ class TwoStageKL(Callback):
         switch_fraction: stage 2 starts at ``round(switch_fraction * total steps)``, where the
             total is ``trainer.estimated_stepping_batches`` (from ``max_steps``, or
             ``max_epochs`` and the dataloader length) when training starts.
-        first_divergence: divergence of stage 1 (any of :data:`lrkd.losses.DIVERGENCE_KINDS`).
+        first_divergence: divergence of stage 1: forward_kl, reverse_kl, jsd, skew_forward_kl,
+            skew_reverse_kl or tvd (with the module's jsd_beta and skew_alpha).
         second_divergence: divergence of stage 2.
         first_on_policy_fraction: share of stage-1 batches that use the student's own
             completions (0: all teacher-forced on the data's responses).
@@ -61,8 +62,8 @@ class TwoStageKL(Callback):
         self,
         switch_step: int | None = None,
         switch_fraction: float | None = None,
-        first_divergence: str = "forward_kl",
-        second_divergence: str = "reverse_kl",
+        first_divergence: DivergenceKind = "forward_kl",
+        second_divergence: DivergenceKind = "reverse_kl",
         first_on_policy_fraction: float = 0.0,
         second_on_policy_fraction: float = 1.0,
         second_temperature: float | None = None,
