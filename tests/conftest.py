@@ -52,6 +52,29 @@ def even_first_character_verifier():
     return EvenFirstCharacter()
 
 
+def tiny_paced_datamodule(teacher_dir, cache_dir, **overrides):
+    """A DistillDataModule of 24 built-in problems for the tiny teacher, with a verifier that a
+    random model passes about half the time; ``overrides`` replace any argument."""
+    from lrkd.data.datamodule import DistillDataModule
+
+    args = dict(
+        tokenizer=str(teacher_dir),
+        num_problems=24,
+        val_fraction=0.25,
+        chat_template=False,
+        verifier=even_first_character_verifier(),
+        num_rollouts=4,
+        rollout_max_new_tokens=4,
+        teacher_max_new_tokens=6,
+        val_num_rollouts=2,
+        batch_size=4,
+        seq_length=48,
+        response_cache_dir=str(cache_dir),
+    )
+    args.update(overrides)
+    return DistillDataModule(**args)
+
+
 def tiny_config_fields(**overrides) -> dict:
     """Config fields of a tiny decoder (vocab 128, hidden 64, 2 layers, 4/2 heads)."""
     fields = dict(

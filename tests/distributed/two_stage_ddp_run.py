@@ -19,10 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import even_first_character_verifier, make_tiny_llama, make_tokenizer
+from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
 from lrkd.callbacks.two_stage import TwoStageKL
-from lrkd.data.datamodule import DistillDataModule
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
@@ -51,22 +50,10 @@ def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
         make_tiny_llama(seed=0).save_pretrained(teacher_dir)
         make_tokenizer().save_pretrained(teacher_dir)
     seed_everything(0)
-    datamodule = DistillDataModule(
-        tokenizer=str(teacher_dir),
-        num_problems=24,
-        val_fraction=0.25,
-        chat_template=False,
-        verifier=even_first_character_verifier(),
-        num_rollouts=4,
-        rollout_max_new_tokens=3,
-        teacher_max_new_tokens=5,
-        rollout_batch_size=8,
-        estimate_every_n_steps=3,
-        estimate_every_n_epochs=None,
-        batch_size=2,
-        seq_length=40,
-        response_cache_dir=str(out / "cache"),
-    )
+    datamodule = tiny_paced_datamodule(
+        teacher_dir, out / "cache", rollout_max_new_tokens=3, teacher_max_new_tokens=5,
+        estimate_every_n_steps=3, estimate_every_n_epochs=None, batch_size=2,
+    )  # fmt: skip
     module = DistillationModule(
         teacher=str(teacher_dir),
         student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),

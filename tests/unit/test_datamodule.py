@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import even_first_character_verifier
+from conftest import tiny_paced_datamodule
 from lightning.pytorch import Trainer
 
 from lrkd.data.datamodule import DistillDataModule, PacedSampler
@@ -30,22 +30,7 @@ class RecordingModule(DistillationModule):
 
 
 def _datamodule(tmp_path, teacher_dir, **kwargs) -> DistillDataModule:
-    args = dict(
-        tokenizer=str(teacher_dir),
-        num_problems=24,
-        val_fraction=0.25,
-        chat_template=False,
-        verifier=even_first_character_verifier(),
-        num_rollouts=4,
-        rollout_max_new_tokens=4,
-        teacher_max_new_tokens=6,
-        val_num_rollouts=2,
-        batch_size=4,
-        seq_length=48,
-        response_cache_dir=str(tmp_path / "cache"),
-    )
-    args.update(kwargs)
-    return DistillDataModule(**args)
+    return tiny_paced_datamodule(teacher_dir, tmp_path / "cache", **kwargs)
 
 
 def _module(teacher_dir, cls=RecordingModule) -> DistillationModule:
