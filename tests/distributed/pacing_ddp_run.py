@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import even_first_character_verifier, make_tiny_llama, make_tokenizer
+from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.models.students import FromTeacherConfig
@@ -40,22 +40,11 @@ def main(out_dir: str, devices: int) -> None:
     if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
         make_tiny_llama(seed=0).save_pretrained(teacher_dir)
         make_tokenizer().save_pretrained(teacher_dir)
-    datamodule = DistillDataModule(
-        tokenizer=str(teacher_dir),
-        num_problems=30,
-        val_fraction=0.2,
-        chat_template=False,
-        verifier=even_first_character_verifier(),
-        num_rollouts=6,
-        rollout_max_new_tokens=3,
-        teacher_max_new_tokens=5,
-        rollout_batch_size=8,
-        estimate_every_n_steps=2,
-        estimate_every_n_epochs=None,
-        batch_size=2,
-        seq_length=40,
-        response_cache_dir=str(out / f"cache{devices}"),
-    )
+    datamodule = tiny_paced_datamodule(
+        teacher_dir, out / f"cache{devices}", num_problems=30, val_fraction=0.2, num_rollouts=6,
+        rollout_max_new_tokens=3, teacher_max_new_tokens=5, rollout_batch_size=8,
+        estimate_every_n_steps=2, estimate_every_n_epochs=None, batch_size=2, seq_length=40,
+    )  # fmt: skip
     module = DistillationModule(
         teacher=str(teacher_dir),
         student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
