@@ -496,7 +496,8 @@ class DistillationModule(LightningModule):
             flush()
 
     def setup(self, stage: str) -> None:
-        """Refuse fp16 mixed precision for weight-generating students (use bf16)."""
+        """Refuse fp16 mixed precision for weight-generating students (use bf16), and turn off
+        their weight cache on several processes."""
         trainer = getattr(self, "_trainer", None)
         precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
         if getattr(self.student, "cache_weights", False) and precision.startswith("16"):
@@ -504,6 +505,15 @@ class DistillationModule(LightningModule):
                 f"trainer.precision={precision}: a student with cached generated weights "
                 "(LowRankClone) does not support fp16 loss scaling; use bf16-mixed or 32."
             )
+        if getattr(self.student, "cache_weights", False) and trainer.world_size > 1:
+            # Cached weights turn into projection gradients after backward, where DDP's
+            # gradient all-reduce never sees them; generated in the graph, the projections get
+            # their gradients in backward like any parameter. The cost: weights are generated
+            # per micro-batch rather than per optimizer step (the same without accumulation).
+            self.student.cache_weights = False
+            log.info("lrkd: %d processes: the student generates its weights in the autograd "
+                     "graph (cache_weights off) so that DDP synchronises the projections' "
+                     "gradients", trainer.world_size)  # fmt: skip
 
     def configure_optimizers(self) -> Any:
         """The optimizer over the student's trainable parameters (never the teacher's)."""
