@@ -10,7 +10,14 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lrkd.data.rollout import batch_prompts, completion_batch, generate, generation_model, row_seed
+from lrkd.data.rollout import (
+    batch_prompts,
+    check_sampling,
+    completion_batch,
+    generate,
+    generation_model,
+    row_seed,
+)
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
@@ -130,8 +137,9 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"model: {err} (see model.temperature, jsd_beta, skew_alpha)."
             ) from err
-        _check_on_policy(
-            on_policy_fraction, on_policy_max_new_tokens, on_policy_temperature, on_policy_top_p
+        _check_on_policy_fraction(on_policy_fraction)
+        check_sampling(
+            on_policy_max_new_tokens, on_policy_temperature, on_policy_top_p, "model.on_policy_"
         )
         if teacher_dtype not in (*_DTYPES, "auto"):
             raise ValueError(
@@ -224,18 +232,13 @@ class DistillationModule(LightningModule):
         return list(callbacks()) if callable(callbacks) else []
 
     def set_divergence(self, kind: str, temperature: float | None = None) -> None:
-        """Switch the divergence (and optionally its temperature) from the next batch on; the
-        other divergence settings are kept. Used by :class:`~lrkd.callbacks.two_stage.TwoStageKL`.
-        """
-        if kind not in DIVERGENCE_KINDS:
-            raise ValueError(
-                f"divergence {kind!r} is not a known divergence; choose one of "
-                f"{', '.join(DIVERGENCE_KINDS)}."
-            )
+        """Switch the divergence from the next batch on, at ``temperature`` (``None``: the
+        module's ``temperature`` argument); the other divergence settings are kept. Used by
+        :class:`~lrkd.callbacks.two_stage.TwoStageKL`."""
         old = self.kd_loss
         self.kd_loss = KDDivergence(
             kind,  # type: ignore[arg-type]
-            old.temperature if temperature is None else temperature,
+            self.hparams.temperature if temperature is None else temperature,
             beta=old.beta,
             skew_alpha=old.skew_alpha,
             chunk_size=old.chunk_size,
@@ -243,10 +246,7 @@ class DistillationModule(LightningModule):
 
     def set_on_policy_fraction(self, fraction: float) -> None:
         """Set the share of on-policy training batches from the next batch on."""
-        _check_on_policy(
-            fraction, self.on_policy_max_new_tokens, self.on_policy_temperature,
-            self.on_policy_top_p,
-        )  # fmt: skip
+        _check_on_policy_fraction(fraction)
         self.on_policy_fraction = fraction
         self._on_policy_enabled |= fraction > 0
 
@@ -540,17 +540,9 @@ class DistillationModule(LightningModule):
             state.setdefault(f"teacher.{key}", value)
 
 
-def _check_on_policy(
-    fraction: float, max_new_tokens: int, temperature: float, top_p: float
-) -> None:
+def _check_on_policy_fraction(fraction: float) -> None:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"model.on_policy_fraction={fraction}; it is a share in [0, 1].")
-    if max_new_tokens < 1:
-        raise ValueError(f"model.on_policy_max_new_tokens={max_new_tokens}; it must be >= 1.")
-    if temperature < 0.0:
-        raise ValueError(f"model.on_policy_temperature={temperature}; it must be >= 0 (0: greedy).")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"model.on_policy_top_p={top_p}; it must be in (0, 1].")
 
 
 def _runs_with_teacher(student: nn.Module) -> bool:

@@ -11,10 +11,10 @@ on-policy step itself (sampling, masking, scoring) is the module's.
 
 The stage is a function of the global step alone: steps ``0 .. switch_step - 1`` are stage 1,
 ``switch_step`` onwards stage 2, and all micro-batches of one optimizer step are in the same
-stage. Every rank computes the same stage. The resolved switch step, the current stage and
-whether the learning rate was already scaled are saved in checkpoints, so a run resumed in
-either stage continues in it, switches at the same step, and never scales the learning rate
-twice (the optimizer and scheduler states restored from the checkpoint already carry it).
+stage. Every rank computes the same stage. The resolved switch step and the current stage are
+saved in checkpoints, so a run resumed in either stage continues in it and switches at the same
+step. The learning rate is scaled only on the way from stage 1 to stage 2, never on resuming in
+stage 2: the optimizer and scheduler states restored from the checkpoint already carry it.
 """
 
 from __future__ import annotations
@@ -101,8 +101,6 @@ class TwoStageKL(Callback):
         self.second_temperature = second_temperature
         self.second_lr_scale = second_lr_scale
         self.stage = 0  # 0: not started; restored from a checkpoint otherwise
-        self.lr_scaled = False
-        self._first_temperature: float | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -110,7 +108,7 @@ class TwoStageKL(Callback):
         return "TwoStageKL"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"switch_step": self.switch_step, "stage": self.stage, "lr_scaled": self.lr_scaled}
+        return {"switch_step": self.switch_step, "stage": self.stage}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         restored = state_dict.get("switch_step")
@@ -122,7 +120,6 @@ class TwoStageKL(Callback):
         else:
             self.switch_step = restored
         self.stage = int(state_dict.get("stage", 0))
-        self.lr_scaled = bool(state_dict.get("lr_scaled", False))
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -132,8 +129,6 @@ class TwoStageKL(Callback):
                     f"TwoStageKL drives a module with a {method}() method (e.g. "
                     f"lrkd.module.DistillationModule), not {type(pl_module).__name__}."
                 )
-        if self._first_temperature is None:
-            self._first_temperature = float(pl_module.kd_loss.temperature)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.switch_step is None:
@@ -161,19 +156,17 @@ class TwoStageKL(Callback):
 
     def _enter(self, trainer: Trainer, pl_module: LightningModule, stage: int) -> None:
         """Apply a stage's settings. Called at every start (fresh or resumed) and at the switch;
-        only the learning rate change is a one-off, remembered in ``lr_scaled``."""
-        temperature = self._first_temperature
-        if stage == 2 and self.second_temperature is not None:
-            temperature = self.second_temperature
-        pl_module.set_divergence(self.divergence[stage], temperature)
+        the learning rate changes only when stage 2 is entered from an earlier stage."""
+        pl_module.set_divergence(
+            self.divergence[stage], self.second_temperature if stage == 2 else None
+        )
         pl_module.set_on_policy_fraction(self.on_policy_fraction[stage])
-        if stage == 2 and not self.lr_scaled:
-            if self.second_lr_scale != 1.0:
-                _scale_learning_rate(trainer, self.second_lr_scale)
-            self.lr_scaled = True
-        changed, self.stage = self.stage != stage, stage
-        if not changed:  # resumed in the stage it was saved in: nothing new to announce
+        if self.stage == stage:  # resumed in the stage it was saved in: nothing new to do
             return
+        if stage == 2 and self.second_lr_scale != 1.0:
+            _scale_learning_rate(trainer, self.second_lr_scale)
+        self.stage = stage
+        temperature = pl_module.kd_loss.temperature
         note = (
             f"stage {stage} from step {trainer.global_step}: divergence {self.divergence[stage]} "
             f"at temperature {temperature:g}, on-policy fraction {self.on_policy_fraction[stage]:g}"

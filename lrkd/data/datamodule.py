@@ -63,7 +63,7 @@ from lrkd.data.problems import (
     read_problems,
     split_problems,
 )
-from lrkd.data.rollout import generate, generation_model, row_seed
+from lrkd.data.rollout import check_sampling, generate, generation_model, row_seed
 from lrkd.data.text import (
     pad_collate,
     prompt_response_example,
@@ -306,6 +306,7 @@ class DistillDataModule(LightningDataModule):
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
+        check_sampling(rollout_max_new_tokens, rollout_temperature, rollout_top_p, "data.rollout_")
         if val_num_rollouts < 0:
             raise ValueError(f"data.val_num_rollouts must be >= 0, got {val_num_rollouts}")
         if alpha < 0 or beta < 0:

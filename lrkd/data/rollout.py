@@ -35,6 +35,7 @@ from lrkd.models.students import model_logits
 __all__ = [
     "Rollouts",
     "batch_prompts",
+    "check_sampling",
     "completion_batch",
     "generate",
     "generation_model",
@@ -83,6 +84,20 @@ def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Mod
         return materialize(into=reuse)
     param = next(model.parameters())
     return materialize().to(param.device)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix: str = "") -> None:
+    """Validate sampling settings; ``prefix`` names them in the error (e.g. ``model.on_policy_``).
+
+    Raises:
+        ValueError: ``max_new_tokens < 1``, ``temperature < 0`` or ``top_p`` outside (0, 1].
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"{prefix}max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0.0:
+        raise ValueError(f"{prefix}temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
 
 
 def _uses_kv_cache(model: nn.Module) -> bool:
@@ -227,12 +242,7 @@ def generate(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, temperature, top_p)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if keys is not None and len(keys) != len(prompts):

@@ -763,20 +763,21 @@ class LowRankClone(nn.Module):
         state = {spec.name: weights[i].detach() for i, spec in enumerate(self._specs)}
         state.update({f"model.layers.{n}": p for n, p in self.layers.named_parameters()})
         state["model.norm.weight"] = self.norm.weight
-        if into is None:
+        model = into
+        if model is None:
             from transformers import AutoModelForCausalLM
 
-            into = AutoModelForCausalLM.from_config(copy.deepcopy(self.config), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(
+                copy.deepcopy(self.config), dtype=torch.float32
+            )
             state = {k: v.detach().float().cpu() for k, v in state.items()}
-        else:
-            dtype = next(into.parameters()).dtype
-        missing, unexpected = into.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)  # copies into place
         missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
         if missing or unexpected:
             raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
         if self.tied:
-            into.tie_weights()
-        return into.to(dtype).eval()
+            model.tie_weights()
+        return (model if into is not None else model.to(dtype)).eval()
 
 
 def _call_layer(

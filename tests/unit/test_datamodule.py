@@ -121,6 +121,8 @@ def test_before_any_estimate_training_is_uniform(tmp_path, tiny_teacher_dir) -> 
         ({"teacher_responses": "teacher"}, "data.teacher_responses"),
         ({"prompt_template": "Q:"}, "prompt_template"),
         ({"num_rollouts": 0}, "data.num_rollouts"),
+        ({"rollout_top_p": 0.0}, "data.rollout_top_p"),
+        ({"rollout_temperature": -1.0}, "data.rollout_temperature"),
         ({"bucket_edges": [0.5, 0.2]}, "bucket edges"),
         ({"verifier": "nope"}, "nope"),
     ],
