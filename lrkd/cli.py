@@ -54,8 +54,11 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file.")
+    path = Path(ckpt_path)
+    if path.is_dir():  # a sharded (FSDP2 distributed) checkpoint: one file per rank
+        return _export_sharded(path, out, teacher, dtype)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file or folder.")
     # mmap: only the hyperparameters are read here; the weights are loaded once, below.
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     hparams = checkpoint.get("hyper_parameters", {})
@@ -73,6 +76,32 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
     path = export_student(module.student, out, module.tokenizer, dtype=dtypes[dtype])
     logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, path)
     return path
+
+
+def _export_sharded(path: Path, out: str, teacher: str | None, dtype: str) -> Path:
+    """Export from a folder written by FSDP2 with ``save_distributed_checkpoint: true``: its
+    weights are gathered into one single-file checkpoint in this process (the whole checkpoint,
+    optimizer states included, must fit in CPU memory), which is then exported as usual."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta = path / "meta.pt"  # Lightning's metadata file: hyperparameters, loops, callbacks
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path={str(path)!r} is a folder without meta.pt; give a checkpoint file, or a "
+            "sharded checkpoint folder written by `lrkd fit` under FSDP2."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        dcp_to_torch_save(path, weights)
+        checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
+        checkpoint["state_dict"] = torch.load(weights, map_location="cpu")["state_dict"]
+        single = Path(tmp) / "checkpoint.ckpt"
+        torch.save(checkpoint, single)
+        del checkpoint
+        return export(str(single), out, teacher, dtype)
 
 
 def _export_main(argv: list[str]) -> Path:

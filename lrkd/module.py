@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lrkd.data.rollout import (
@@ -18,6 +19,7 @@ from lrkd.data.rollout import (
     generation_model,
     row_seed,
 )
+from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
@@ -181,6 +183,11 @@ class DistillationModule(LightningModule):
         elif teacher_dtype in _DTYPES:
             teacher = teacher.to(_DTYPES[teacher_dtype])
         self.teacher = freeze(teacher)
+        # The frozen teacher's weights are reloaded from ``teacher``, never saved: its keys are
+        # left out of this module's state_dict (so of every checkpoint, full or sharded) and
+        # not expected when loading one.
+        self.register_state_dict_post_hook(_drop_teacher_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
         self.student = student(self.teacher) if isinstance(student, StudentBuilder) else student
         for model in (self.teacher, self.student):
             if getattr(getattr(model, "config", None), "use_cache", None):
@@ -505,15 +512,38 @@ class DistillationModule(LightningModule):
                 f"trainer.precision={precision}: a student with cached generated weights "
                 "(LowRankClone) does not support fp16 loss scaling; use bf16-mixed or 32."
             )
-        if getattr(self.student, "cache_weights", False) and trainer.world_size > 1:
+        sharded = isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+        if getattr(self.student, "cache_weights", False) and (trainer.world_size > 1 or sharded):
             # Cached weights turn into projection gradients after backward, where DDP's
-            # gradient all-reduce never sees them; generated in the graph, the projections get
-            # their gradients in backward like any parameter. The cost: weights are generated
-            # per micro-batch rather than per optimizer step (the same without accumulation).
+            # gradient all-reduce never sees them, and are generated outside the forward,
+            # where FSDP2 has not gathered the teacher; generated in the graph, the projections
+            # get their gradients in backward like any parameter. The cost: weights are
+            # generated per micro-batch rather than per optimizer step.
             self.student.cache_weights = False
             log.info("lrkd: %d processes: the student generates its weights in the autograd "
                      "graph (cache_weights off) so that DDP synchronises the projections' "
                      "gradients", trainer.world_size)  # fmt: skip
+
+    def configure_model(self) -> None:
+        """Under :class:`lrkd.distributed.FSDP2Strategy` (or Lightning's
+        ``ModelParallelStrategy``), shard teacher and student with FSDP2: see
+        :func:`lrkd.distributed.shard_fsdp2`. Other strategies need nothing here."""
+        mesh = self._device_mesh
+        if mesh is None or is_sharded(self.student):
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "trainer.strategy: lrkd shards with FSDP2 only (no tensor parallelism); use "
+                "lrkd.distributed.FSDP2Strategy, or ModelParallelStrategy with "
+                "tensor_parallel_size: 1 and data_parallel_size: the number of ranks."
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        precision = str(getattr(self._trainer, "precision", "32-true"))
+        shard_fsdp2(self.teacher, self.student, dp_mesh, mixed_precision_policy(precision))
+        log.info("lrkd: FSDP2 over %d ranks: this rank holds %d teacher and %d trainable "
+                 "student parameters", dp_mesh.size(), local_numel(self.teacher),
+                 local_numel(self.student, trainable=True))  # fmt: skip
 
     def configure_optimizers(self) -> Any:
         """The optimizer over the student's trainable parameters (never the teacher's)."""
@@ -527,17 +557,18 @@ class DistillationModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen teacher's weights: they are reloaded from ``teacher``, not stored."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the current teacher's weights back so that strict loading still checks the rest."""
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.teacher.state_dict().items():
-            state.setdefault(f"teacher.{key}", value)
+def _drop_teacher_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any
+) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_teacher_keys(module: nn.Module, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [
+        k for k in incompatible.missing_keys if not k.startswith("teacher.")
+    ]
 
 
 def _check_on_policy_fraction(fraction: float) -> None:

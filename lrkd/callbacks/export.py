@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+
+from lrkd.data.rollout import generation_model
+from lrkd.distributed import is_sharded
 
 log = logging.getLogger("lrkd")
 
@@ -62,10 +64,14 @@ class ExportStudent(Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write the student (rank zero only)."""
+        """Write the student (every rank gathers a sharded student; rank zero writes)."""
         dirpath = self.dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "student")
         tokenizer = getattr(pl_module, "tokenizer", None)
-        out = export_student(pl_module.student, dirpath, tokenizer)
-        log.warning("lrkd: exported the student to %s", out)
+        student = pl_module.student
+        if is_sharded(student):  # gathering is collective: every rank takes part
+            student = generation_model(student)
+        if trainer.is_global_zero:
+            out = export_student(student, dirpath, tokenizer)
+            log.warning("lrkd: exported the student to %s", out)
+        trainer.strategy.barrier("lrkd-export")

@@ -67,23 +67,31 @@ def row_seed(seed: int, key: str | int, sample: int) -> int:
 
 
 def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
-    """The module to generate with: a low-rank clone is multiplied out into a plain Hugging Face
-    model on the clone's device (one weight generation, then KV-cached decoding); any other
-    model is returned as it is.
+    """The module to generate with.
+
+    A low-rank clone is multiplied out into a plain Hugging Face model on the clone's device (one
+    weight generation, then KV-cached decoding); a model sharded by FSDP2 is gathered into an
+    unsharded copy on every rank (so that ranks can sample different prompts and stop at
+    different lengths without waiting for each other; every rank must call this together); any
+    other model is returned as it is.
 
     Args:
         model: the model that should write.
-        reuse: a model returned by an earlier call for the same clone; its weights are
+        reuse: a model returned by an earlier call for the same model; its weights are
             refreshed in place rather than building a new model (much faster when called every
             training step).
     """
+    from lrkd.distributed import gathered_copy, is_sharded
+
     materialize = getattr(model, "materialize", None)
-    if not callable(materialize):
-        return model
-    if reuse is not None:
-        return materialize(into=reuse)
-    param = next(model.parameters())
-    return materialize().to(param.device)
+    if callable(materialize):
+        if reuse is not None:
+            return materialize(into=reuse)
+        param = next(model.parameters())
+        return materialize().to(param.device)
+    if is_sharded(model):
+        return gathered_copy(model, into=reuse)
+    return model
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix: str = "") -> None:

@@ -30,12 +30,14 @@ just before the optimizer step (the DistillationModule calls it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +86,8 @@ _TERM_TAPS: dict[str, tuple[str, bool]] = {
     "ffn_out": ("mlp.down_proj", True),
 }
 _TERM_PROJ = {"attn_out": "o", "ffn_out": "down"}
+# The teacher's modules outside its layers that a sharded clone registers (see fully_shard).
+_ROOT_TEACHER_PARTS: tuple[str, ...] = ("teacher_embed", "teacher_norm", "teacher_head")
 
 
 @dataclass
@@ -104,14 +108,28 @@ class LowRankCloneOutput:
 @dataclass
 class _Generated:
     """How one student tensor is made: ``kind`` "in" (W @ P), "out" (P^T @ W), "bias_out"
-    (b @ P) from a teacher tensor and a projection, or "copy" (the teacher's tensor as is)."""
+    (b @ P) from a teacher tensor and a projection, or "copy" (the teacher's tensor as is).
+
+    Tensors are looked up on their modules at use time, never held: under FSDP2 a module's
+    parameter is the sharded one between forwards and the gathered one inside them.
+    """
 
     name: str  # its key in the exported model's state_dict
     module: nn.Module | None  # None: the embedding / LM head (used directly, not installed)
     attr: str
-    teacher: torch.Tensor
+    source: nn.Module  # the teacher module holding the teacher tensor
+    source_attr: str
     kind: str
-    projection: nn.Parameter | None
+    owner: nn.Module | None  # the module holding the projection (None for "copy")
+    key: str = ""
+
+    def teacher(self) -> torch.Tensor:
+        """The teacher tensor this student tensor is generated from."""
+        return getattr(self.source, self.source_attr)
+
+    def projection(self) -> nn.Parameter | None:
+        """The trained projection, or None for a copied tensor."""
+        return None if self.owner is None else getattr(self.owner, self.key)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -122,9 +140,9 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 
 def _generate(spec: _Generated) -> torch.Tensor:
     if spec.kind == "copy":
-        return spec.teacher
-    p = spec.projection
-    w = spec.teacher.to(p.dtype)
+        return spec.teacher()
+    p = spec.projection()
+    w = spec.teacher().to(p.dtype)
     if spec.kind == "in":
         return w @ p
     if spec.kind == "out":
@@ -134,12 +152,47 @@ def _generate(spec: _Generated) -> torch.Tensor:
 
 def _projection_grad(spec: _Generated, grad: torch.Tensor) -> torch.Tensor:
     """d loss / d P from d loss / d (generated tensor); generation is linear in P."""
-    w = spec.teacher.to(grad.dtype)
+    w = spec.teacher().to(grad.dtype)
     if spec.kind == "in":
         return w.t() @ grad
     if spec.kind == "out":
         return w @ grad.t()
     return torch.outer(w, grad)
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2 unit's parameters are gathered (a no-op for any other module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def _drop_teacher_state(names: tuple[str, ...]) -> Any:
+    """A state-dict post-hook dropping the frozen teacher modules a clone registers for
+    sharding (they belong to the teacher and are reloaded with it, never saved here)."""
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(tuple(prefix + n + "." for n in names))]:
+            del state_dict[key]
+
+    return hook
+
+
+_TEACHER_KEY = re.compile(r"(^|\.)(teacher_layer|teacher_embed|teacher_norm|teacher_head)\.")
+
+
+def _ignore_missing_teacher_keys(module: nn.Module, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [
+        k for k in incompatible.missing_keys if not _TEACHER_KEY.search(k)
+    ]
 
 
 def _family_check(teacher: nn.Module) -> Any:
@@ -215,6 +268,127 @@ def _masked_mse(
             power = t2.mean() if token_mask is None else (t2.mean(-1) * token_mask).sum() / n
         mse = mse / power.clamp_min(1e-12)
     return mse
+
+
+class CloneBlock(nn.Module):
+    """One decoder layer of a :class:`LowRankClone`: the trained projections, the student layer
+    whose linear weights they generate, and (by reference) the frozen teacher layer they are
+    generated from.
+
+    The block is the clone's sharding unit under FSDP2: :meth:`LowRankClone.fully_shard`
+    registers the teacher layer as the child ``teacher_layer`` first, so that one gather brings
+    the teacher layer, its projections and the student layer together and the teacher is
+    sharded with them. The teacher layer never appears in the block's ``state_dict``.
+
+    Args:
+        teacher_layer: the teacher's decoder layer i.
+        layer: the student's decoder layer i (its linear weights are generated).
+        projections: the trained projections of layer i, by linear (q, k, v, o, gate, up, down).
+    """
+
+    def __init__(
+        self, teacher_layer: nn.Module, layer: nn.Module, projections: nn.ParameterDict
+    ) -> None:
+        super().__init__()
+        self._teacher_layer = [teacher_layer]  # registered only for sharding (attach_teacher)
+        self.projections = projections
+        self.layer = layer
+        self.specs: list[_Generated] = []
+        self._taps: dict[str, torch.Tensor] | None = None
+        for side, owner in (("teacher", teacher_layer), ("student", layer)):
+            for path, _ in _TERM_TAPS.values():
+                _get(owner, path).register_forward_hook(self._tap_hook(f"{side}.{path}"))
+        self.register_state_dict_post_hook(_drop_teacher_state(("teacher_layer",)))
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+
+    @property
+    def teacher_layer_ref(self) -> nn.Module:
+        """The teacher's decoder layer this block is generated from."""
+        return self._teacher_layer[0]
+
+    def attach_teacher(self) -> None:
+        """Register the teacher layer as a child, so that sharding this block shards it too."""
+        self.teacher_layer = self._teacher_layer[0]
+
+    def _tap_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self._taps is not None:
+                self._taps[name] = output
+
+        return hook
+
+    def generate(self) -> dict[str, torch.Tensor]:
+        """This layer's generated student tensors, by exported name."""
+        return {spec.name: _generate(spec) for spec in self.specs}
+
+    def forward(
+        self,
+        h_s: torch.Tensor,
+        h_t: torch.Tensor | None,
+        s_pos: Any,
+        t_pos: Any,
+        token_mask: torch.Tensor | None,
+        s_mask: Any,
+        t_mask: Any,
+        position_ids: torch.Tensor,
+        terms: Sequence[str] = (),
+        weights: dict[str, torch.Tensor] | None = None,
+        relative: bool = False,
+        target_grad: bool = False,
+        checkpointing: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Teacher layer (no grad) and student layer, and the clone terms between them.
+
+        Args:
+            weights: the clone's cached generated weights; ``None`` generates this layer's
+                inside the autograd graph (and inside the FSDP2 gather).
+            relative, target_grad: the clone's ``clone_loss == "relative_mse"`` and
+                ``clone_target_grad``.
+            checkpointing: recompute the pair in backward instead of storing activations.
+        """
+        args = (h_s, h_t, s_pos, t_pos, token_mask, s_mask, t_mask, position_ids, terms,
+                weights, relative, target_grad)  # fmt: skip
+        if checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._pair, *args, use_reentrant=False)
+        return self._pair(*args)
+
+    def _pair(
+        self,
+        h_s: torch.Tensor,
+        h_t: torch.Tensor | None,
+        s_pos: Any,
+        t_pos: Any,
+        token_mask: torch.Tensor | None,
+        s_mask: Any,
+        t_mask: Any,
+        position_ids: torch.Tensor,
+        terms: Sequence[str],
+        weights: dict[str, torch.Tensor] | None,
+        relative: bool,
+        target_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        generated = self.generate() if weights is None else weights
+        for spec in self.specs:
+            setattr(spec.module, spec.attr, generated[spec.name])
+        taps: dict[str, torch.Tensor] = {}
+        self._taps = taps if terms else None
+        try:
+            if h_t is not None:
+                with torch.no_grad():
+                    h_t = _call_layer(self.teacher_layer_ref, h_t, t_mask, t_pos, position_ids)
+            h_s = _call_layer(self.layer, h_s, s_mask, s_pos, position_ids)
+        finally:
+            self._taps = None
+        losses = []
+        for name in terms:
+            path, hidden_side = _TERM_TAPS[name]
+            target = taps[f"teacher.{path}"]
+            if hidden_side:
+                proj = self.projections[_TERM_PROJ[name]]
+                with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
+                    target = target.to(proj.dtype) @ proj
+            losses.append(_masked_mse(taps[f"student.{path}"], target, token_mask, relative))
+        return h_s, h_t, losses
 
 
 class LowRankClone(nn.Module):
@@ -318,30 +492,30 @@ class LowRankClone(nn.Module):
             skeleton = AutoModelForCausalLM.from_config(
                 self.config, attn_implementation=attn, dtype=torch.float32
             )
-        self.layers = skeleton.model.layers
-        self.norm = skeleton.model.norm
-
         device = teacher.lm_head.weight.device
-        projections = []
-        for _ in range(t_config.num_hidden_layers):
-            projections.append(
+        self.blocks = nn.ModuleList(
+            CloneBlock(
+                teacher.model.layers[i],
+                layer,
                 nn.ParameterDict(
                     {
                         key: nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
                         for _, key, _ in _LAYER_LINEARS
                     }
-                )
+                ),
             )
-        self.projections = nn.ModuleList(projections)
+            for i, layer in enumerate(skeleton.model.layers)
+        )
+        self.norm = skeleton.model.norm
         self.embed_projection = nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
         self.head_projection = (
             None if self.tied else nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
         )
-        self._specs = self._build_specs(device)
-        self._cache: dict[int, torch.Tensor] | None = None
+        self.root_specs = self._build_specs(device)
+        self._cache: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple[Any, ...] | None = None
-        self._taps: dict[str, torch.Tensor] | None = None
-        self._register_taps()
+        self.register_state_dict_post_hook(_drop_teacher_state(_ROOT_TEACHER_PARTS))
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
 
         if init == "normal":
             self._init_normal(init_std, seed)
@@ -356,25 +530,37 @@ class LowRankClone(nn.Module):
         """The frozen teacher this clone is generated from."""
         return self._teacher[0]
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The student's decoder layers (their linear weights are generated)."""
+        return [block.layer for block in self.blocks]
+
+    @property
+    def projections(self) -> list[nn.ParameterDict]:
+        """Per layer, the trained projections by linear (q, k, v, o, gate, up, down)."""
+        return [block.projections for block in self.blocks]
+
     def _build_specs(self, device: torch.device) -> list[_Generated]:
-        """Strip the skeleton's linear weights and record how each student tensor is made."""
+        """Strip the skeleton's linear weights, record in each block how its student tensors
+        are made, and return the specs of the embedding and LM head."""
         teacher = self.teacher
-        specs: list[_Generated] = []
-        for i, layer in enumerate(self.layers):
-            t_layer = teacher.model.layers[i]
+        for i, block in enumerate(self.blocks):
+            layer, t_layer = block.layer, teacher.model.layers[i]
             for path, key, side in _LAYER_LINEARS:
                 s_lin, t_lin = _get(layer, path), _get(t_layer, path)
                 prefix = f"model.layers.{i}.{path}"
                 del s_lin.weight
-                proj = self.projections[i][key]
-                specs.append(
-                    _Generated(f"{prefix}.weight", s_lin, "weight", t_lin.weight, side, proj)
-                )
+                block.specs.append(
+                    _Generated(f"{prefix}.weight", s_lin, "weight", t_lin, "weight", side,
+                               block.projections, key)
+                )  # fmt: skip
                 if t_lin.bias is not None:
                     del s_lin.bias
-                    kind, proj = ("copy", None) if side == "in" else ("bias_out", proj)
-                    specs.append(
-                        _Generated(f"{prefix}.bias", s_lin, "bias", t_lin.bias, kind, proj)
+                    kind, owner = (
+                        ("copy", None) if side == "in" else ("bias_out", block.projections)
+                    )
+                    block.specs.append(
+                        _Generated(f"{prefix}.bias", s_lin, "bias", t_lin, "bias", kind, owner, key)
                     )
             for name in ("input_layernorm", "post_attention_layernorm"):
                 norm = getattr(layer, name)
@@ -386,34 +572,66 @@ class LowRankClone(nn.Module):
                         t_gain.detach().to(device=device, dtype=torch.float32).clone()
                     )
         self.norm.weight = nn.Parameter(torch.ones(self.hidden_size, device=device))
-        self._embed_index = len(specs)
-        t_embed = teacher.model.embed_tokens.weight
-        specs.append(
-            _Generated("model.embed_tokens.weight", None, "", t_embed, "in", self.embed_projection)
-        )
-        self._head_index = None
+        specs = [
+            _Generated("model.embed_tokens.weight", None, "", teacher.model.embed_tokens,
+                       "weight", "in", self, "embed_projection")
+        ]  # fmt: skip
         if self.head_projection is not None:
-            self._head_index = len(specs)
-            t_head = teacher.lm_head.weight
-            specs.append(_Generated("lm_head.weight", None, "", t_head, "in", self.head_projection))
+            specs.append(
+                _Generated("lm_head.weight", None, "", teacher.lm_head, "weight", "in", self,
+                           "head_projection")
+            )  # fmt: skip
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
             if tensor.is_meta:
                 raise RuntimeError(f"LowRankClone: unhandled student tensor {name}")
         return specs
 
-    def _register_taps(self) -> None:
-        taps = {path for path, _ in _TERM_TAPS.values()}
-        for side, layers in (("teacher", self.teacher.model.layers), ("student", self.layers)):
-            for layer in layers:
-                for path in taps:
-                    _get(layer, path).register_forward_hook(self._tap_hook(f"{side}.{path}"))
+    def _all_specs(self) -> list[_Generated]:
+        return [spec for block in self.blocks for spec in block.specs] + self.root_specs
 
-    def _tap_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            if self._taps is not None:
-                self._taps[name] = output
+    def train(self, mode: bool = True) -> LowRankClone:
+        """Set train/eval mode; the teacher modules registered for sharding stay in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
-        return hook
+    def fully_shard(
+        self,
+        mesh: Any = None,
+        mp_policy: Any = None,
+        reshard_after_forward: bool = True,
+    ) -> None:
+        """Shard the clone and its teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+        Each :class:`CloneBlock` (teacher layer i, its projections, student layer i) is one
+        unit; the clone itself is the root unit, holding the projections of the embedding and
+        head, the final norm gain, and the teacher's embedding, final norm and LM head. So every
+        teacher parameter is sharded, and one gather brings a layer's teacher weights together
+        with the projections that generate the student's. Weights are then generated inside the
+        forward (``cache_weights`` must be off).
+
+        Args:
+            mesh: the data-parallel device mesh (``None``: all ranks).
+            mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (``None``: keep dtypes).
+            reshard_after_forward: free each block's gathered weights after its forward
+                (gathering again in backward), as in ZeRO-3.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.cache_weights:
+            raise ValueError(
+                "LowRankClone.fully_shard: cache_weights must be False (cached weights are "
+                "generated outside the forward, where sharded teacher weights are not gathered)."
+            )
+        kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+        for block in self.blocks:
+            block.attach_teacher()
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+        teacher = self.teacher
+        self.teacher_embed = teacher.model.embed_tokens
+        self.teacher_norm = teacher.model.norm
+        self.teacher_head = teacher.lm_head
+        fully_shard(self, reshard_after_forward=False, **kwargs)
 
     # ------------------------------------------------------------------ initialisation
     def all_projections(self) -> list[nn.Parameter]:
@@ -546,10 +764,10 @@ class LowRankClone(nn.Module):
     def _key(self) -> tuple[Any, ...]:
         return tuple((p.data_ptr(), p._version) for p in self.all_projections())
 
-    def generated_weights(self) -> dict[int, torch.Tensor]:
-        """Generate (or return the cached) student tensors, indexed like the internal specs."""
+    def generated_weights(self) -> dict[str, torch.Tensor]:
+        """Generate (or return the cached) student tensors, by their exported names."""
         if not self.cache_weights:
-            return {i: _generate(s) for i, s in enumerate(self._specs)}
+            return {spec.name: _generate(spec) for spec in self._all_specs()}
         key = self._key()
         if self._cache is not None and key == self._cache_key:
             return self._cache
@@ -561,11 +779,11 @@ class LowRankClone(nn.Module):
             )
         with torch.no_grad(), torch.autocast(self.embed_projection.device.type, enabled=False):
             cache = {}
-            for i, spec in enumerate(self._specs):
+            for spec in self._all_specs():
                 tensor = _generate(spec)
                 if spec.kind != "copy":
                     tensor = tensor.detach().requires_grad_(True)
-                cache[i] = tensor
+                cache[spec.name] = tensor
         self._cache, self._cache_key = cache, key
         return cache
 
@@ -578,19 +796,14 @@ class LowRankClone(nn.Module):
         """
         if not self.cache_weights or self._cache is None:
             return
-        for i, spec in enumerate(self._specs):
-            tensor = self._cache[i]
+        for spec in self._all_specs():
+            tensor = self._cache[spec.name]
             if spec.kind == "copy" or tensor.grad is None:
                 continue
             grad = _projection_grad(spec, tensor.grad.float())
-            p = spec.projection
+            p = spec.projection()
             p.grad = grad.to(p.dtype) if p.grad is None else p.grad.add_(grad.to(p.dtype))
             tensor.grad = None
-
-    def _install(self, weights: dict[int, torch.Tensor]) -> None:
-        for i, spec in enumerate(self._specs):
-            if spec.module is not None:
-                setattr(spec.module, spec.attr, weights[i])
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -614,8 +827,7 @@ class LowRankClone(nn.Module):
             A :class:`LowRankCloneOutput`.
         """
         teacher = self.teacher
-        weights = self.generated_weights()
-        self._install(weights)
+        weights = self.generated_weights() if self.cache_weights else None
         embed_w, head_w = self._embedding_and_head(weights)
 
         if position_ids is None:
@@ -635,15 +847,12 @@ class LowRankClone(nn.Module):
 
         terms = self.clone_terms if with_teacher else ()
         totals: dict[str, torch.Tensor] = {}
-        for i in range(len(self.layers)):
-            args = (h_s, h_t, s_pos, t_pos, token_mask)
-            extra = (s_masks[i], t_masks[i] if t_masks else None, position_ids, terms)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h_s, h_t, losses = checkpoint(
-                    self._layer_pair, i, *args, *extra, use_reentrant=False
-                )
-            else:
-                h_s, h_t, losses = self._layer_pair(i, *args, *extra)
+        for i, block in enumerate(self.blocks):
+            h_s, h_t, losses = block(
+                h_s, h_t, s_pos, t_pos, token_mask, s_masks[i], t_masks[i] if t_masks else None,
+                position_ids, terms, weights, relative=self.clone_loss == "relative_mse",
+                target_grad=self.clone_target_grad, checkpointing=self.gradient_checkpointing,
+            )  # fmt: skip
             for name, value in zip(terms, losses, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
 
@@ -655,11 +864,14 @@ class LowRankClone(nn.Module):
         return LowRankCloneOutput(logits, teacher_logits, totals)
 
     def _embedding_and_head(
-        self, weights: dict[int, torch.Tensor]
+        self, weights: dict[str, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's embedding and LM-head matrices (the same tensor when tied)."""
-        embed = weights[self._embed_index]
-        return embed, embed if self._head_index is None else weights[self._head_index]
+        """The student's embedding and LM-head matrices (the same tensor when tied), from
+        ``weights`` or generated now."""
+        if weights is None:
+            weights = {spec.name: _generate(spec) for spec in self.root_specs}
+        embed = weights["model.embed_tokens.weight"]
+        return embed, weights.get("lm_head.weight", embed)
 
     def _masks(
         self,
@@ -701,55 +913,17 @@ class LowRankClone(nn.Module):
         )
         return [mask(default)] * config.num_hidden_layers
 
-    def _layer_pair(
-        self,
-        i: int,
-        h_s: torch.Tensor,
-        h_t: torch.Tensor | None,
-        s_pos: Any,
-        t_pos: Any,
-        token_mask: torch.Tensor | None,
-        s_mask: Any,
-        t_mask: Any,
-        position_ids: torch.Tensor,
-        terms: Sequence[str],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """Teacher layer i (no grad) and student layer i, and the clone terms between them."""
-        taps: dict[str, torch.Tensor] = {}
-        self._taps = taps if terms else None
-        try:
-            if h_t is not None:
-                with torch.no_grad():
-                    t_layer = self.teacher.model.layers[i]
-                    h_t = _call_layer(t_layer, h_t, t_mask, t_pos, position_ids)
-            h_s = _call_layer(self.layers[i], h_s, s_mask, s_pos, position_ids)
-        finally:
-            self._taps = None
-        losses = []
-        for name in terms:
-            path, hidden_side = _TERM_TAPS[name]
-            target = taps[f"teacher.{path}"]
-            if hidden_side:
-                proj = self.projections[i][_TERM_PROJ[name]]
-                if self.clone_target_grad:
-                    target = target.to(proj.dtype) @ proj
-                else:
-                    with torch.no_grad():
-                        target = target.to(proj.dtype) @ proj
-            student = taps[f"student.{path}"]
-            losses.append(
-                _masked_mse(student, target, token_mask, self.clone_loss == "relative_mse")
-            )
-        return h_s, h_t, losses
-
     # ------------------------------------------------------------------ export
-    @torch.no_grad()
     @torch.no_grad()
     def materialize(
         self, dtype: torch.dtype = torch.float32, into: nn.Module | None = None
     ) -> nn.Module:
         """Multiply the projections out and return a plain transformers model of the teacher's
         family with ``hidden_size = d_S`` (its config carries an explicit ``head_dim``).
+
+        Under FSDP2 (after :meth:`fully_shard`) each unit is gathered in turn, so every rank
+        gets the whole student (every rank must call this together); the teacher is never
+        gathered whole.
 
         Args:
             dtype: dtype of the new model (ignored with ``into``).
@@ -759,10 +933,6 @@ class LowRankClone(nn.Module):
                 With ``cache_weights`` the generated weights are the step's cached ones, so the
                 training forward that follows does not generate them again.
         """
-        weights = self.generated_weights()
-        state = {spec.name: weights[i].detach() for i, spec in enumerate(self._specs)}
-        state.update({f"model.layers.{n}": p for n, p in self.layers.named_parameters()})
-        state["model.norm.weight"] = self.norm.weight
         model = into
         if model is None:
             from transformers import AutoModelForCausalLM
@@ -770,11 +940,29 @@ class LowRankClone(nn.Module):
             model = AutoModelForCausalLM.from_config(
                 copy.deepcopy(self.config), dtype=torch.float32
             )
-            state = {k: v.detach().float().cpu() for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)  # copies into place
+        cached = self.generated_weights() if self.cache_weights else None
+        units: list[tuple[nn.Module, nn.Module, list[_Generated], str]] = [
+            (block, block.layer, block.specs, f"model.layers.{i}.")
+            for i, block in enumerate(self.blocks)
+        ]
+        units.append((self, self.norm, self.root_specs, "model.norm."))
+        loaded: set[str] = set()
+        for unit, trained, specs, prefix in units:
+            with _gathered(unit):  # parameters are looked up after gathering
+                own = {prefix + name: p for name, p in trained.named_parameters()}
+                state = {s.name: _generate(s) if cached is None else cached[s.name] for s in specs}
+                state.update(own)
+                # load_state_dict copies (and casts) into the model's own tensors.
+                missing, unexpected = model.load_state_dict(
+                    {k: v.detach() for k, v in state.items()}, strict=False
+                )
+                if unexpected:
+                    raise RuntimeError(f"materialize: unexpected {unexpected}")
+                loaded.update(state)
+        missing = [k for k in model.state_dict() if k not in loaded]
         missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
+        if missing:
+            raise RuntimeError(f"materialize: missing {missing}")
         if self.tied:
             model.tie_weights()
         return (model if into is not None else model.to(dtype)).eval()

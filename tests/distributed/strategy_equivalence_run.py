@@ -1,9 +1,11 @@
-"""Train the tiny teacher's student for a few steps on 1 process or 2 (DDP, gloo) on the same
-global batches, and write the loss of every step and the final student weights.
+"""Train the tiny teacher's student for a few steps on 1 process, or on 2 (gloo) under DDP or
+FSDP2, on the same global batches, and write the loss of every step, the final student weights
+and how many teacher and student parameter elements each rank holds.
 
-Usage: python ddp_equivalence_run.py OUT_DIR DEVICES STUDENT (plain | lrc). Every row has the
-same number of target tokens, so the mean of the two ranks' per-token losses is the one-process
-loss of the whole batch. Run as its own process: DDP re-executes this file.
+Usage: python strategy_equivalence_run.py OUT_DIR DEVICES STUDENT (plain | lrc) STRATEGY
+(ddp | fsdp2). Every row has the same number of target tokens, so the mean of the two ranks'
+per-token losses is the one-process loss of the whole batch. Run as its own process: the
+strategies re-execute this file.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
 from conftest import make_tiny_llama
 
+from lrkd.distributed import FSDP2Strategy, local_numel
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -59,7 +63,7 @@ class Examples(LightningDataModule):
         return DataLoader(examples(), batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
 
-def main(out_dir: str, devices: int, student_kind: str) -> None:
+def main(out_dir: str, devices: int, student_kind: str, strategy: str) -> None:
     seed_everything(0)
     if student_kind == "lrc":
         student = LowRankCloneBuilder(hidden_size=32, init="normal", clone_loss="mse")
@@ -70,21 +74,31 @@ def main(out_dir: str, devices: int, student_kind: str) -> None:
         teacher_dtype="float32", optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
     )  # fmt: skip
     record = Losses()
+    strategies = {"fsdp2": FSDP2Strategy(), "ddp": "ddp" if devices > 1 else "auto"}
     trainer = Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy=strategies[strategy],
         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[record], use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=Examples())
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v
+             for k, v in module.student.state_dict().items()}  # fmt: skip
     result = {
         "losses": record.losses,
-        "student": {k: v.tolist() for k, v in module.student.state_dict().items()
-                    if not k.startswith("teacher")},
+        "student": {k: v.tolist() for k, v in state.items()},
+        "teacher_numel": local_numel(module.teacher),
+        "teacher_numel_full": sum(p.numel() for p in module.teacher.parameters()),
+        "student_trainable_numel": local_numel(module.student, trainable=True),
+        "teacher_requires_grad": any(p.requires_grad for p in module.teacher.parameters()),
+        "teacher_training": any(m.training for m in module.teacher.modules()),
+        "optimizer_numel": sum(local_numel(torch.nn.ParameterList(g["params"]))
+                               for g in trainer.optimizers[0].param_groups
+                               ),
     }  # fmt: skip
-    name = f"{student_kind}_devices{devices}_rank{trainer.global_rank}.json"
+    name = f"{student_kind}_{strategy}_devices{devices}_rank{trainer.global_rank}.json"
     (Path(out_dir) / name).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
