@@ -195,7 +195,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
-
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
         """Load a sharded folder or a full file. A full file holds no teacher weights (the module
         leaves them out of its state_dict), while Lightning's full-file loader checks every

@@ -84,6 +84,9 @@ class DistillationModule(LightningModule):
             teacher tokenizer's length when the teacher is loaded by name.
         teacher_dtype: dtype of the teacher's weights: ``float32``, ``bfloat16``, ``float16``,
             or ``auto`` (bfloat16 on a GPU that supports it, else float32).
+        activation_checkpointing: recompute each student decoder layer (for a low-rank clone,
+            each (teacher layer, student layer) pair) in backward instead of storing its
+            activations: less memory for about one more forward of compute.
         on_policy_fraction: share of training batches on which the student's own completions
             replace the data's responses (GKD's lambda): 0 never (plain distillation), 1 always.
             Which batches are on-policy is a fixed function of ``on_policy_seed`` and the step,
@@ -116,6 +119,7 @@ class DistillationModule(LightningModule):
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         teacher_dtype: str = "auto",
+        activation_checkpointing: bool = False,
         on_policy_fraction: float = 0.0,
         on_policy_max_new_tokens: int = 64,
         on_policy_temperature: float = 1.0,
@@ -192,6 +196,8 @@ class DistillationModule(LightningModule):
         for model in (self.teacher, self.student):
             if getattr(getattr(model, "config", None), "use_cache", None):
                 model.config.use_cache = False  # no KV cache while training
+        if activation_checkpointing:
+            _enable_activation_checkpointing(self.student)
         self.shared_vocab = self._check_vocab(vocab_size)
         self.co_run = _runs_with_teacher(self.student)
         if clone_weight and not self.co_run:
@@ -569,6 +575,21 @@ def _ignore_missing_teacher_keys(module: nn.Module, incompatible: Any) -> None:
     incompatible.missing_keys[:] = [
         k for k in incompatible.missing_keys if not k.startswith("teacher.")
     ]
+
+
+def _enable_activation_checkpointing(student: nn.Module) -> None:
+    if hasattr(student, "gradient_checkpointing") and hasattr(student, "blocks"):  # LowRankClone
+        student.gradient_checkpointing = True
+    elif callable(getattr(student, "gradient_checkpointing_enable", None)):  # transformers
+        # Non-reentrant: works with frozen inputs, FSDP2 and torch.compile.
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        raise ValueError(
+            f"model.activation_checkpointing: the student ({type(student).__name__}) has no "
+            "gradient_checkpointing_enable(); checkpoint its layers in its own forward instead."
+        )
 
 
 def _check_on_policy_fraction(fraction: float) -> None:

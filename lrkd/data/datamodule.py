@@ -29,6 +29,7 @@ itself (``configure_callbacks``); with another LightningModule, pass
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lrkd.callbacks.diagnostics import log_pacing
 from lrkd.data.pacing import (
@@ -108,6 +109,20 @@ class PacedSampler(Sampler[int]):
     (those with w > 0 when zero-weight problems are skipped, else all). An epoch is always
     ``num_samples`` examples, however many problems have weight. Under DDP, Lightning wraps the
     sampler and draws an epoch's indices at its start (same seed on every rank).
+
+    **Resuming mid-epoch.** Lightning restarts the epoch's iterator from its beginning when it
+    resumes from a mid-epoch checkpoint (it only counts on to the epoch's end). So the sampler
+    keeps the epoch's draws so far and its generator state (:meth:`state_dict`, saved in the
+    checkpoint with the DataModule's state), and a restored sampler, iterated again in the same
+    epoch, skips the examples already trained on: the Trainer's batches of the epoch so far
+    (``fit_loop.epoch_loop.batch_progress``, i.e. micro-batches, not optimizer steps) x the batch
+    size x the number of processes, as they were when the checkpoint was written. It then
+    yields the saved draws after those and goes on drawing from the saved generator state, so
+    the rest of the epoch is exactly the uninterrupted run's, even where the weights changed
+    since the epoch began (which a replay of the epoch's draws with the restored weights would
+    not reproduce). Under DDP, Lightning's ``DistributedSamplerWrapper`` deals the epoch's list
+    out to the ranks in its own (shuffled, padded) order; there the sampler returns the whole
+    list, rearranged so that each rank's share continues where that rank stopped.
     """
 
     def __init__(self, datamodule: DistillDataModule, num_samples: int, seed: int) -> None:
@@ -115,6 +130,9 @@ class PacedSampler(Sampler[int]):
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
+        self._restored: dict[str, Any] | None = None
+        # The current epoch's draws: epoch, chunks of indices, generator, batch size, processes.
+        self._live: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch (Lightning calls it), which seeds the draw."""
@@ -123,21 +141,107 @@ class PacedSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def state_dict(self) -> dict[str, Any]:
+        """The current epoch's draws so far and the generator state after them, with the batch
+        size and the number of processes that consume them."""
+        live = self._live
+        if live is None:
+            return dict(self._restored or {})
+        chunks = live["chunks"]
+        return {
+            "epoch": live["epoch"],
+            "num_samples": self.num_samples,
+            "indices": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64),
+            "generator": live["generator"].get_state(),
+            "batch_size": live["batch_size"],
+            "world_size": live["world_size"],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a saved :meth:`state_dict` when next iterated in the saved epoch."""
+        self._restored = dict(state_dict) if state_dict else None
+
     def __iter__(self) -> Iterator[int]:
         dm = self.datamodule
-        generator = torch.Generator().manual_seed(row_seed(self.seed, "sampler", self.epoch))
+        restored, self._restored = self._restored, None
+        shard = self._distributed_sampler()
+        start = 0
+        if restored is not None:
+            start = self._batches_done() * restored["batch_size"] * restored["world_size"]
+            same_epoch = (restored["epoch"], restored["num_samples"]) == (
+                self.epoch, self.num_samples
+            )  # fmt: skip
+            if not same_epoch or start >= self.num_samples:  # another epoch: start afresh
+                restored = None
+        if restored is not None:
+            chunks = [restored["indices"].to(torch.int64)]
+            generator = torch.Generator()
+            generator.set_state(restored["generator"])
+        else:
+            chunks, start = [], 0
+            generator = torch.Generator().manual_seed(row_seed(self.seed, "sampler", self.epoch))
+        world = shard.num_replicas if shard is not None else 1
+        self._live = {"epoch": self.epoch, "chunks": chunks, "generator": generator,
+                      "batch_size": dm.batch_size, "world_size": world}  # fmt: skip
+        indices = self._draw(chunks, generator)
+        if start and shard is not None:
+            yield from _continue_shards(list(indices), shard, start)
+            return
+        for position, index in enumerate(indices):
+            if position >= start:
+                yield index
+
+    def _draw(self, chunks: list[torch.Tensor], generator: torch.Generator) -> Iterator[int]:
+        """The epoch's indices: the saved chunks, then new ones (appended to ``chunks``)."""
+        dm = self.datamodule
         produced = 0
+        for chunk in list(chunks):
+            produced += len(chunk)
+            yield from chunk.tolist()
         while produced < self.num_samples:
             if dm.apply_weights == "sampling":
-                chunk = min(dm.batch_size, self.num_samples - produced)
+                size = min(dm.batch_size, self.num_samples - produced)
                 probs = dm.sampling_probabilities()
-                drawn = torch.multinomial(probs, chunk, replacement=True, generator=generator)
+                drawn = torch.multinomial(probs, size, replacement=True, generator=generator)
             else:
                 support = dm.support()
                 order = torch.randperm(len(support), generator=generator)
                 drawn = support[order][: self.num_samples - produced]
+            chunks.append(drawn)
             produced += len(drawn)
             yield from drawn.tolist()
+
+    def _batches_done(self) -> int:
+        """The Trainer's batches of the current epoch so far (restored when resuming)."""
+        loop = getattr(getattr(self.datamodule.trainer, "fit_loop", None), "epoch_loop", None)
+        return int(loop.batch_progress.current.ready) if loop is not None else 0
+
+    def _distributed_sampler(self) -> DistributedSampler | None:
+        """The DistributedSampler that deals this sampler's indices out to the ranks, if any."""
+        trainer = self.datamodule.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and sampler is not self:
+            return sampler
+        return None
+
+
+def _continue_shards(indices: list[int], shard: DistributedSampler, start: int) -> list[int]:
+    """``indices`` rearranged so that every rank's share under ``shard`` continues after the
+    first ``start`` examples of the epoch (in the order the ranks consume them)."""
+    ranks = []
+    for rank in range(shard.num_replicas):
+        view = copy.copy(shard)
+        view.rank = rank
+        ranks.append(list(DistributedSampler.__iter__(view)))
+    # Position j of the epoch's order is rank j % W's (j // W)-th example.
+    order = [share[m] for m in range(len(ranks[0])) for share in ranks]
+    consumed = [indices[i] for i in order]
+    out = list(indices)
+    # The first occurrence of a position wins (DistributedSampler pads with repeats).
+    for j in reversed(range(len(order))):
+        out[order[j]] = consumed[(j + start) % len(order)]
+    return out
 
 
 class PacingCallback(Callback):
@@ -352,6 +456,7 @@ class DistillDataModule(LightningDataModule):
         self.last_estimate: dict[str, int | None] = {"step": None, "epoch": None}
         self.teacher_pass_at_1: float | None = None
         self._restored: dict[str, Any] | None = None
+        self._sampler: PacedSampler | None = None
 
     # ----------------------------------------------------------------------------- problems
 
@@ -466,9 +571,10 @@ class DistillDataModule(LightningDataModule):
                 return [c["ids"] for c in cached]
         trainer = self.trainer
         rank, world = trainer.global_rank, trainer.world_size
+        model = generation_model(teacher)  # sharded (FSDP2): an unsharded copy on every rank
         with trainer.precision_plugin.forward_context():
             rollouts = generate(
-                teacher,
+                model,
                 prompts[rank::world],
                 num_samples=1,
                 eos_token_id=self.tokenizer.eos_token_id,
@@ -478,6 +584,7 @@ class DistillDataModule(LightningDataModule):
                 progress=f"teacher responses ({split})" if rank == 0 else False,
                 **settings,
             )
+        del model
         mine = [c[0] for c in rollouts.completion_ids]
         if world > 1:
             gathered: list[Any] = [None] * world
@@ -670,11 +777,21 @@ class DistillDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches drawn by the current pass-rate weights (estimating them first if due)."""
         self._prepare()
+        restored = self._restored or {}
         self._apply_restored()
         if self.estimate_at_start and self.correct is None:
             self.estimate()
         n = self.samples_per_epoch or len(self.train_problems)
-        return self._loader(self._datasets["train"], PacedSampler(self, n, self.seed))
+        sampler = PacedSampler(self, n, self.seed)
+        if self.trainer is not None:
+            # Lightning sets the epoch later; with worker processes it draws before that.
+            sampler.set_epoch(self.trainer.current_epoch)
+        if restored.get("sampler") and restored.get("problem_ids") == [
+            p.id for p in self.train_problems
+        ]:  # fmt: skip
+            sampler.load_state_dict(restored["sampler"])
+        self._sampler = sampler
+        return self._loader(self._datasets["train"], sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out problems with teacher responses (for the divergence)."""
@@ -689,16 +806,23 @@ class DistillDataModule(LightningDataModule):
     # ---------------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """The pacing state: the last estimate's counts and when it was taken."""
+        """The pacing state: the last estimate's counts and when it was taken; and the
+        sampler's position in the epoch (:meth:`PacedSampler.state_dict`)."""
+        if self._sampler is not None:
+            sampler = self._sampler.state_dict()
+        else:
+            sampler = (self._restored or {}).get("sampler")
         return {
             "correct": self.correct,
             "rounds": self.rounds,
             "last_estimate": dict(self.last_estimate),
             "problem_ids": [p.id for p in self.train_problems],
+            "sampler": sampler,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the pacing state of a checkpoint (applied once the problems are built)."""
+        """Restore the pacing state and the sampler's position of a checkpoint (applied once the
+        problems are built)."""
         self.rounds = int(state_dict.get("rounds", 0))
         self.last_estimate = dict(state_dict.get("last_estimate", self.last_estimate))
         self._restored = state_dict
@@ -732,13 +856,17 @@ def _check_unique_ids(problems: Sequence[Problem]) -> None:
 
 
 def _fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model: its class, config and a sample of its weights."""
-    digest = hashlib.sha256(type(model).__name__.encode())
+    """A cheap identity of a model: its class, config and a sample of its weights (the same
+    whether the model is sharded by FSDP2 or not; all ranks must call it together then)."""
+    from torch.distributed.tensor import DTensor
+
+    digest = hashlib.sha256(type(model).__name__.removeprefix("FSDP").encode())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         digest.update(config.to_json_string(use_diff=False).encode())
     params = list(model.parameters())
     for param in params[:2] + params[-2:]:
-        sample = param.detach().flatten()[:4096].float().cpu()
+        tensor = param.full_tensor() if isinstance(param, DTensor) else param
+        sample = tensor.detach().flatten()[:4096].float().cpu()
         digest.update(str(param.dtype).encode() + sample.numpy().tobytes())
     return digest.hexdigest()

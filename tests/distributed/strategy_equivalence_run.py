@@ -72,6 +72,7 @@ def main(out_dir: str, devices: int, student_kind: str, strategy: str) -> None:
     module = DistillationModule(
         make_tiny_llama(seed=0), student, clone_weight=0.5 if student_kind == "lrc" else 0.0,
         teacher_dtype="float32", optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        activation_checkpointing=strategy == "fsdp2",  # composes with FSDP2; exact recompute
     )  # fmt: skip
     record = Losses()
     strategies = {"fsdp2": FSDP2Strategy(), "ddp": "ddp" if devices > 1 else "auto"}

@@ -1,10 +1,12 @@
-"""A two-stage (forward then on-policy reverse KL) paced run on 2 CPU processes (DDP, gloo).
+"""A two-stage (forward then on-policy reverse KL) paced run on 2 CPU processes (gloo).
 
-Usage: python two_stage_ddp_run.py OUT_DIR NAME MAX_STEPS [CKPT]. Trains the tiny teacher's
-student for MAX_STEPS steps with TwoStageKL switching at step 4, checkpointing every step under
+Usage: python two_stage_ddp_run.py OUT_DIR NAME MAX_STEPS STRATEGY STUDENT [CKPT], STRATEGY
+``ddp`` or ``fsdp2``, STUDENT ``plain`` or ``lrc``. Trains the tiny teacher's student for
+MAX_STEPS steps with TwoStageKL switching at step 4, checkpointing every step under
 OUT_DIR/NAME/ckpt, resuming from CKPT when given; each rank writes OUT_DIR/NAME/rank<r>.json with
-the stage, divergence and on-policy flag of every step it trained. Run as its own process: DDP
-re-executes this file.
+the stage, divergence and on-policy flag of every step it trained. Teacher responses, pass-rate
+estimates and on-policy rollouts all run under the strategy (under FSDP2 on gathered copies).
+Run as its own process: the strategy re-executes this file.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
 from lrkd.callbacks.two_stage import TwoStageKL
+from lrkd.distributed import FSDP2Strategy
+from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
@@ -43,7 +48,9 @@ class Record(Callback):
         })  # fmt: skip
 
 
-def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
+def main(
+    out_dir: str, name: str, max_steps: int, strategy: str, student: str, ckpt: str | None
+) -> None:
     out = Path(out_dir)
     teacher_dir = out / "teacher"
     if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
@@ -56,7 +63,9 @@ def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
     )  # fmt: skip
     module = DistillationModule(
         teacher=str(teacher_dir),
-        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        student=LowRankCloneBuilder(hidden_size=32, init_std=0.1)
+        if student == "lrc"
+        else FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
         teacher_dtype="float32",
         on_policy_max_new_tokens=4,
     )
@@ -64,7 +73,7 @@ def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=FSDP2Strategy() if strategy == "fsdp2" else "ddp",
         max_steps=max_steps,
         limit_val_batches=0,
         logger=False,
@@ -82,11 +91,18 @@ def main(out_dir: str, name: str, max_steps: int, ckpt: str | None) -> None:
     result = {
         "steps": record.steps,
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
-        "student_checksum": float(sum(p.double().sum() for p in module.student.parameters())),
+        "student_checksum": float(
+            sum(
+                (p.full_tensor() if isinstance(p, DTensor) else p).double().sum()
+                for p in module.student.parameters()
+            )
+        ),
     }
     (out / name / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    main(
+        *sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6], sys.argv[6] if len(sys.argv) > 6 else None
+    )

@@ -162,3 +162,44 @@ def test_padded_vocab_uses_shared_rows(caplog) -> None:
     assert "padding" in caplog.text
     terms = module.distillation_loss(_batch())
     assert torch.isfinite(terms["loss"])
+
+
+@pytest.mark.parametrize("kind", ["plain", "lrc"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind: str) -> None:
+    from lrkd.models.lowrank import LowRankCloneBuilder
+
+    results = []
+    for checkpointing in (False, True):
+        if kind == "lrc":
+            student = LowRankCloneBuilder(hidden_size=32, init_std=0.1, cache_weights=False)
+        else:
+            student = FromTeacherConfig(hidden_size=32, num_hidden_layers=2, seed=0)
+        module = _module(student=student, clone_weight=0.5 if kind == "lrc" else 0.0,
+                         activation_checkpointing=checkpointing, ce_weight=0.3)  # fmt: skip
+        module.train()
+        recomputed = []
+        if checkpointing:  # count recomputations: the layers really run again in backward
+            layers = module.student.layers if kind == "lrc" else module.student.model.layers
+            for layer in layers:
+                layer.mlp.register_forward_pre_hook(lambda *_, seen=recomputed: seen.append(1))
+        loss = module.distillation_loss(_batch(4))["loss"]
+        forwards = len(recomputed)
+        loss.backward()
+        if checkpointing:
+            assert forwards == 2 and len(recomputed) == 4, (forwards, len(recomputed))
+        grads = {n: p.grad for n, p in module.student.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_needs_a_checkpointable_student() -> None:
+    class Bare(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return torch.zeros(*input_ids.shape, TINY_VOCAB)
+
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        _module(student=Bare(), activation_checkpointing=True)
