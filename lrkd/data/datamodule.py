@@ -29,12 +29,11 @@ itself (``configure_callbacks``); with another LightningModule, pass
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrkd.callbacks.diagnostics import log_pacing
 from lrkd.data.pacing import (
@@ -64,6 +63,7 @@ from lrkd.data.problems import (
     read_problems,
     split_problems,
 )
+from lrkd.data.resumable import ResumableSampler
 from lrkd.data.rollout import check_sampling, generate, generation_model, row_seed
 from lrkd.data.text import (
     pad_collate,
@@ -100,7 +100,7 @@ class _Examples(Dataset):
         return self.examples[i]
 
 
-class PacedSampler(Sampler[int]):
+class PacedSampler(ResumableSampler):
     """Draws training examples by the DataModule's current pass-rate weights.
 
     ``sampling`` mode draws ``num_samples`` problems with probability proportional to w (with
@@ -108,140 +108,21 @@ class PacedSampler(Sampler[int]):
     at once. ``loss_weight`` mode walks through random permutations of the problems it keeps
     (those with w > 0 when zero-weight problems are skipped, else all). An epoch is always
     ``num_samples`` examples, however many problems have weight. Under DDP, Lightning wraps the
-    sampler and draws an epoch's indices at its start (same seed on every rank).
-
-    **Resuming mid-epoch.** Lightning restarts the epoch's iterator from its beginning when it
-    resumes from a mid-epoch checkpoint (it only counts on to the epoch's end). So the sampler
-    keeps the epoch's draws so far and its generator state (:meth:`state_dict`, saved in the
-    checkpoint with the DataModule's state), and a restored sampler, iterated again in the same
-    epoch, skips the examples already trained on: the Trainer's batches of the epoch so far
-    (``fit_loop.epoch_loop.batch_progress``, i.e. micro-batches, not optimizer steps) x the batch
-    size x the number of processes, as they were when the checkpoint was written. It then
-    yields the saved draws after those and goes on drawing from the saved generator state, so
-    the rest of the epoch is exactly the uninterrupted run's, even where the weights changed
-    since the epoch began (which a replay of the epoch's draws with the restored weights would
-    not reproduce). Under DDP, Lightning's ``DistributedSamplerWrapper`` deals the epoch's list
-    out to the ranks in its own (shuffled, padded) order; there the sampler returns the whole
-    list, rearranged so that each rank's share continues where that rank stopped.
+    sampler and draws an epoch's indices at its start (same seed on every rank). A run resumed
+    mid-epoch continues at the same data position (see :class:`ResumableSampler`), even where
+    the weights changed since the epoch began.
     """
 
-    def __init__(self, datamodule: DistillDataModule, num_samples: int, seed: int) -> None:
-        self.datamodule = datamodule
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-        self._restored: dict[str, Any] | None = None
-        # The current epoch's draws: epoch, chunks of indices, generator, batch size, processes.
-        self._live: dict[str, Any] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (Lightning calls it), which seeds the draw."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def state_dict(self) -> dict[str, Any]:
-        """The current epoch's draws so far and the generator state after them, with the batch
-        size and the number of processes that consume them."""
-        live = self._live
-        if live is None:
-            return dict(self._restored or {})
-        chunks = live["chunks"]
-        return {
-            "epoch": live["epoch"],
-            "num_samples": self.num_samples,
-            "indices": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64),
-            "generator": live["generator"].get_state(),
-            "batch_size": live["batch_size"],
-            "world_size": live["world_size"],
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from a saved :meth:`state_dict` when next iterated in the saved epoch."""
-        self._restored = dict(state_dict) if state_dict else None
-
-    def __iter__(self) -> Iterator[int]:
+    def next_chunk(self, produced: int, generator: torch.Generator) -> torch.Tensor:
+        """The next batch of draws (``sampling``) or the next permutation (``loss_weight``)."""
         dm = self.datamodule
-        restored, self._restored = self._restored, None
-        shard = self._distributed_sampler()
-        start = 0
-        if restored is not None:
-            start = self._batches_done() * restored["batch_size"] * restored["world_size"]
-            same_epoch = (restored["epoch"], restored["num_samples"]) == (
-                self.epoch, self.num_samples
-            )  # fmt: skip
-            if not same_epoch or start >= self.num_samples:  # another epoch: start afresh
-                restored = None
-        if restored is not None:
-            chunks = [restored["indices"].to(torch.int64)]
-            generator = torch.Generator()
-            generator.set_state(restored["generator"])
-        else:
-            chunks, start = [], 0
-            generator = torch.Generator().manual_seed(row_seed(self.seed, "sampler", self.epoch))
-        world = shard.num_replicas if shard is not None else 1
-        self._live = {"epoch": self.epoch, "chunks": chunks, "generator": generator,
-                      "batch_size": dm.batch_size, "world_size": world}  # fmt: skip
-        indices = self._draw(chunks, generator)
-        if start and shard is not None:
-            yield from _continue_shards(list(indices), shard, start)
-            return
-        for position, index in enumerate(indices):
-            if position >= start:
-                yield index
-
-    def _draw(self, chunks: list[torch.Tensor], generator: torch.Generator) -> Iterator[int]:
-        """The epoch's indices: the saved chunks, then new ones (appended to ``chunks``)."""
-        dm = self.datamodule
-        produced = 0
-        for chunk in list(chunks):
-            produced += len(chunk)
-            yield from chunk.tolist()
-        while produced < self.num_samples:
-            if dm.apply_weights == "sampling":
-                size = min(dm.batch_size, self.num_samples - produced)
-                probs = dm.sampling_probabilities()
-                drawn = torch.multinomial(probs, size, replacement=True, generator=generator)
-            else:
-                support = dm.support()
-                order = torch.randperm(len(support), generator=generator)
-                drawn = support[order][: self.num_samples - produced]
-            chunks.append(drawn)
-            produced += len(drawn)
-            yield from drawn.tolist()
-
-    def _batches_done(self) -> int:
-        """The Trainer's batches of the current epoch so far (restored when resuming)."""
-        loop = getattr(getattr(self.datamodule.trainer, "fit_loop", None), "epoch_loop", None)
-        return int(loop.batch_progress.current.ready) if loop is not None else 0
-
-    def _distributed_sampler(self) -> DistributedSampler | None:
-        """The DistributedSampler that deals this sampler's indices out to the ranks, if any."""
-        trainer = self.datamodule.trainer
-        loader = trainer.train_dataloader if trainer is not None else None
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and sampler is not self:
-            return sampler
-        return None
-
-
-def _continue_shards(indices: list[int], shard: DistributedSampler, start: int) -> list[int]:
-    """``indices`` rearranged so that every rank's share under ``shard`` continues after the
-    first ``start`` examples of the epoch (in the order the ranks consume them)."""
-    ranks = []
-    for rank in range(shard.num_replicas):
-        view = copy.copy(shard)
-        view.rank = rank
-        ranks.append(list(DistributedSampler.__iter__(view)))
-    # Position j of the epoch's order is rank j % W's (j // W)-th example.
-    order = [share[m] for m in range(len(ranks[0])) for share in ranks]
-    consumed = [indices[i] for i in order]
-    out = list(indices)
-    # The first occurrence of a position wins (DistributedSampler pads with repeats).
-    for j in reversed(range(len(order))):
-        out[order[j]] = consumed[(j + start) % len(order)]
-    return out
+        if dm.apply_weights == "sampling":
+            size = min(dm.batch_size, self.num_samples - produced)
+            return torch.multinomial(dm.sampling_probabilities(), size, replacement=True,
+                                     generator=generator)  # fmt: skip
+        support = dm.support()
+        order = torch.randperm(len(support), generator=generator)
+        return support[order][: self.num_samples - produced]
 
 
 class PacingCallback(Callback):

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrkd.data.corpus import builtin_corpus
+from lrkd.data.resumable import ShuffledSampler
 from lrkd.models.teachers import load_tokenizer
 
 
@@ -289,6 +290,8 @@ class TextDataModule(LightningDataModule):
         self.tokenizer: Any = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self._sampler: ShuffledSampler | None = None
+        self._restored_sampler: dict[str, Any] | None = None
 
     def _resolve_tokenizer(self) -> Any:
         if self.tokenizer is not None:
@@ -328,27 +331,42 @@ class TextDataModule(LightningDataModule):
         self.train_dataset = self._dataset(records)
         self.val_dataset = self._dataset(val_records) if val_records else None
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(pad_collate, pad_token_id=pad),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches (a new permutation every epoch; a run resumed mid-epoch
+        continues at the same position, see :class:`lrkd.data.resumable.ResumableSampler`)."""
         assert self.train_dataset is not None, "call setup() first"
-        return self._loader(self.train_dataset, shuffle=True)
+        sampler = ShuffledSampler(self, len(self.train_dataset), self.seed)
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        if self._restored_sampler:
+            sampler.load_state_dict(self._restored_sampler)
+            self._restored_sampler = None
+        self._sampler = sampler
+        return self._loader(self.train_dataset, sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position in the epoch (saved in checkpoints)."""
+        sampler = self._sampler.state_dict() if self._sampler is not None else None
+        return {"sampler": sampler or self._restored_sampler}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training sampler's position of a checkpoint."""
+        self._restored_sampler = state_dict.get("sampler")
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (an empty list when there is no validation data)."""
-        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset else []
+        return self._loader(self.val_dataset, None) if self.val_dataset else []
 
     def test_dataloader(self) -> DataLoader | list:
         """The validation split, used for ``lrkd test``."""

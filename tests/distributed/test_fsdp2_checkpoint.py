@@ -32,7 +32,6 @@ def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
                 "init_args": {"save_distributed_checkpoint": sharded},
             },
             "limit_val_batches": 0,
-            "limit_train_batches": 2,  # step 2 ends an epoch (see the data-position test)
             "logger": False,
             "enable_progress_bar": False,
             "enable_model_summary": False,

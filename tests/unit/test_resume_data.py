@@ -129,3 +129,39 @@ def test_sampler_state_round_trip(tmp_path, tiny_teacher_dir) -> None:
     fresh = PacedSampler(dm, num_samples=30, seed=1)
     fresh.set_epoch(3)
     assert list(third) == list(fresh)
+
+
+def test_text_data_resumes_mid_epoch(tmp_path, tiny_teacher_dir) -> None:
+    """The TextDataModule's shuffled epochs continue at the same position too (8 batches an
+    epoch, stopped after 3, run into the second epoch), and each epoch is a new permutation."""
+    from lrkd.data.text import TextDataModule
+
+    class Tokens(Callback):
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seen.append(batch["input_ids"][:, :6].flatten().tolist())
+
+    def fit(root: Path, max_steps: int, ckpt_path: str | None = None) -> Tokens:
+        data = TextDataModule(tokenizer=str(tiny_teacher_dir), seq_length=16, batch_size=4,
+                              builtin_documents=12, val_fraction=0.0)  # fmt: skip
+        module = DistillationModule(
+            teacher=str(tiny_teacher_dir), teacher_dtype="float32",
+            student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        )  # fmt: skip
+        tokens = Tokens()
+        trainer = Trainer(
+            accelerator="cpu", max_steps=max_steps, limit_train_batches=8, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+            callbacks=[tokens, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1,
+                                               save_top_k=-1, filename="{step}")],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return tokens
+
+    full = fit(tmp_path / "full", 11)
+    fit(tmp_path / "first", 3)
+    resumed = fit(tmp_path / "resumed", 11, str(tmp_path / "first" / "ckpt" / "step=3.ckpt"))
+    assert resumed.seen == full.seen[3:]
+    assert full.seen[8:11] != full.seen[0:3]  # epoch 1 is shuffled anew
