@@ -89,10 +89,13 @@ def shard_fsdp2(
     gradients, so FSDP2 gives it neither gradient buffers nor optimizer state.
 
     Raises:
+        ValueError: the teacher is not frozen.
         RuntimeError: a teacher parameter is left unsharded.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    if any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("shard_fsdp2: the teacher must be frozen (lrkd.models.teachers.freeze)")
     mp_policy = mp_policy or MixedPrecisionPolicy()
     own = getattr(student, "fully_shard", None)
     if callable(own):

@@ -17,19 +17,47 @@ SCHEDULES = ("forward_kl", "reverse_kl", "two_stage")
 WEIGHTINGS = ("paced", "uniform")
 
 
-def _resolved(path: Path, capsys) -> dict:
+def _resolved(path: Path, capsys, *more: Path) -> dict:
     """The whole config as LightningCLI resolves it (validated, nothing instantiated)."""
+    configs = [arg for p in (path, *more) for arg in ("--config", str(p))]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path), "--print_config"])
+        main(["fit", *configs, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.stem)
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "strategies")
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
 def test_config_parses(path: Path, capsys) -> None:
     config = _resolved(path, capsys)
     assert config["model"]["teacher"]
     assert config["trainer"]["max_steps"] > 0
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CONFIGS / "strategies").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_strategy_config_combines_with_a_run_config(path: Path, capsys) -> None:
+    """``--config RUN.yaml --config strategies/X.yaml`` changes only trainer placement and
+    precision settings and the model's memory switches, nothing about the run itself."""
+    run = CONFIGS / ("plain_kd.yaml" if "fsdp1" in path.stem else "quickstart.yaml")
+    alone, combined = _resolved(run, capsys), _resolved(run, capsys, path)
+    own = yaml.safe_load(path.read_text())
+    assert set(own) <= {"trainer", "model"}
+    for section, values in own.items():
+        for key in values:
+            combined[section].pop(key)
+            alone[section].pop(key)
+    assert combined == alone
+    strategy = own["trainer"]["strategy"]
+    if isinstance(strategy, dict):
+        import importlib
+
+        module, name = strategy["class_path"].rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert cls(**strategy.get("init_args", {})) is not None  # the arguments are accepted
 
 
 def _normalised(config: dict) -> dict:
