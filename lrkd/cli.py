@@ -41,67 +41,76 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
     without lrkd.
 
     Args:
-        ckpt_path: a checkpoint written by ``lrkd fit`` (e.g. ``runs/x/checkpoints/last.ckpt``).
+        ckpt_path: a checkpoint written by ``lrkd fit`` (e.g. ``runs/x/checkpoints/last.ckpt``):
+            a file, or the folder of a sharded checkpoint (FSDP2 with
+            ``save_distributed_checkpoint: true``), which is read in this one process (the
+            whole checkpoint must fit in CPU memory).
         out: the output directory.
         teacher: load the teacher from here instead of the location recorded in the
             checkpoint (e.g. after moving to another machine).
         dtype: dtype of the written weights: ``float32`` or ``bfloat16``.
     """
-    import torch
+    import tempfile
 
-    from lrkd.callbacks.export import export_student
+    import torch
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
     path = Path(ckpt_path)
-    if path.is_dir():  # a sharded (FSDP2 distributed) checkpoint: one file per rank
-        return _export_sharded(path, out, teacher, dtype)
-    if not path.is_file():
+    if path.is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            single = _single_file(path, Path(tmp) / "checkpoint.ckpt")
+            written = _export_file(single, ckpt_path, out, teacher, dtypes[dtype])
+    elif path.is_file():
+        written = _export_file(path, ckpt_path, out, teacher, dtypes[dtype])
+    else:
         raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file or folder.")
+    logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, written)
+    return written
+
+
+def _export_file(path: Path, name: str, out: str, teacher: str | None, dtype: Any) -> Path:
+    import torch
+
+    from lrkd.callbacks.export import export_student
+
     # mmap: only the hyperparameters are read here; the weights are loaded once, below.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     hparams = checkpoint.get("hyper_parameters", {})
     del checkpoint
     if "student" not in hparams:
         raise ValueError(
-            f"{ckpt_path} does not record how its student was built (it was not written by "
+            f"{name} does not record how its student was built (it was not written by "
             "`lrkd fit`). Load the module in Python and call "
             "lrkd.callbacks.export.export_student(module.student, out, tokenizer)."
         )
     overrides: dict[str, Any] = {"teacher_dtype": "float32"}
     if teacher is not None:
         overrides["teacher"] = teacher
-    module = DistillationModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
-    path = export_student(module.student, out, module.tokenizer, dtype=dtypes[dtype])
-    logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, path)
-    return path
+    module = DistillationModule.load_from_checkpoint(path, map_location="cpu", **overrides)
+    return export_student(module.student, out, module.tokenizer, dtype=dtype)
 
 
-def _export_sharded(path: Path, out: str, teacher: str | None, dtype: str) -> Path:
-    """Export from a folder written by FSDP2 with ``save_distributed_checkpoint: true``: its
-    weights are gathered into one single-file checkpoint in this process (the whole checkpoint,
-    optimizer states included, must fit in CPU memory), which is then exported as usual."""
-    import tempfile
-
+def _single_file(folder: Path, target: Path) -> Path:
+    """Gather a sharded checkpoint folder (torch.distributed.checkpoint shards + Lightning's
+    ``meta.pt``) into one checkpoint file with the model weights, in this process."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    meta = path / "meta.pt"  # Lightning's metadata file: hyperparameters, loops, callbacks
+    meta = folder / "meta.pt"  # Lightning's metadata file: hyperparameters, loops, callbacks
     if not meta.is_file():
         raise FileNotFoundError(
-            f"--ckpt_path={str(path)!r} is a folder without meta.pt; give a checkpoint file, or a "
-            "sharded checkpoint folder written by `lrkd fit` under FSDP2."
+            f"--ckpt_path={str(folder)!r} is a folder without meta.pt; give a checkpoint file, or "
+            "a sharded checkpoint folder written by `lrkd fit` under FSDP2."
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.pt"
-        dcp_to_torch_save(path, weights)
-        checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
-        checkpoint["state_dict"] = torch.load(weights, map_location="cpu")["state_dict"]
-        single = Path(tmp) / "checkpoint.ckpt"
-        torch.save(checkpoint, single)
-        del checkpoint
-        return export(str(single), out, teacher, dtype)
+    weights = target.with_name("weights.pt")
+    dcp_to_torch_save(folder, weights)
+    checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = torch.load(weights, map_location="cpu")["state_dict"]
+    weights.unlink()
+    torch.save(checkpoint, target)
+    return target
 
 
 def _export_main(argv: list[str]) -> Path:
