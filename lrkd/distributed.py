@@ -228,7 +228,8 @@ class LayerWiseFSDPStrategy(FSDPStrategy):
     trainable student can share the root unit.
 
     A :class:`~lrkd.models.lowrank.LowRankClone` student needs its teacher layers in the same
-    unit as its projections: use :class:`FSDP2Strategy` for it.
+    unit as its projections, and generation (paced data, on-policy steps, teacher responses)
+    needs gathered copies: use :class:`FSDP2Strategy` for either.
 
     Args:
         kwargs: passed to Lightning's ``FSDPStrategy`` (``sharding_strategy``,

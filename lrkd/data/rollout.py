@@ -81,8 +81,15 @@ def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Mod
             refreshed in place rather than building a new model (much faster when called every
             training step).
     """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     from lrkd.distributed import gathered_copy, is_sharded
 
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "Generation (pass-rate estimation, on-policy steps, teacher responses) does not run "
+            "under FSDP1 (LayerWiseFSDPStrategy); use lrkd.distributed.FSDP2Strategy, or DDP."
+        )
     materialize = getattr(model, "materialize", None)
     if callable(materialize):
         if reuse is not None:

@@ -3,9 +3,9 @@ FSDP2, on the same global batches, and write the loss of every step, the final s
 and how many teacher and student parameter elements each rank holds.
 
 Usage: python strategy_equivalence_run.py OUT_DIR DEVICES STUDENT (plain | lrc) STRATEGY
-(ddp | fsdp2). Every row has the same number of target tokens, so the mean of the two ranks'
-per-token losses is the one-process loss of the whole batch. Run as its own process: the
-strategies re-execute this file.
+(ddp | fsdp2) [PRECISION (32-true | bf16-mixed | bf16-true)]. Every row has the same number
+of target tokens, so the mean of the two ranks' per-token losses is the one-process loss of the
+whole batch. Run as its own process: the strategies re-execute this file.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class Examples(LightningDataModule):
         return DataLoader(examples(), batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
 
-def main(out_dir: str, devices: int, student_kind: str, strategy: str) -> None:
+def main(
+    out_dir: str, devices: int, student_kind: str, strategy: str, precision: str = "32-true"
+) -> None:
     seed_everything(0)
     if student_kind == "lrc":
         student = LowRankCloneBuilder(hidden_size=32, init="normal", clone_loss="mse")
@@ -77,7 +79,7 @@ def main(out_dir: str, devices: int, student_kind: str, strategy: str) -> None:
     record = Losses()
     strategies = {"fsdp2": FSDP2Strategy(), "ddp": "ddp" if devices > 1 else "auto"}
     trainer = Trainer(
-        accelerator="cpu", devices=devices, strategy=strategies[strategy],
+        accelerator="cpu", devices=devices, strategy=strategies[strategy], precision=precision,
         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[record], use_distributed_sampler=False,
     )  # fmt: skip
@@ -96,10 +98,10 @@ def main(out_dir: str, devices: int, student_kind: str, strategy: str) -> None:
                                for g in trainer.optimizers[0].param_groups
                                ),
     }  # fmt: skip
-    name = f"{student_kind}_{strategy}_devices{devices}_rank{trainer.global_rank}.json"
+    name = f"{student_kind}_{strategy}_{precision}_devices{devices}_rank{trainer.global_rank}.json"
     (Path(out_dir) / name).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
