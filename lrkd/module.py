@@ -22,7 +22,7 @@ from lrkd.data.rollout import (
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
-from lrkd.models.teachers import freeze, load_teacher, load_tokenizer
+from lrkd.models.teachers import exclude_from_state_dict, freeze, load_teacher, load_tokenizer
 
 log = logging.getLogger("lrkd")
 
@@ -190,8 +190,7 @@ class DistillationModule(LightningModule):
         # The frozen teacher's weights are reloaded from ``teacher``, never saved: its keys are
         # left out of this module's state_dict (so of every checkpoint, full or sharded) and
         # not expected when loading one.
-        self.register_state_dict_post_hook(_drop_teacher_keys)
-        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+        exclude_from_state_dict(self, ("teacher",))
         self.student = student(self.teacher) if isinstance(student, StudentBuilder) else student
         for model in (self.teacher, self.student):
             if getattr(getattr(model, "config", None), "use_cache", None):
@@ -562,19 +561,6 @@ class DistillationModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def _drop_teacher_keys(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any
-) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
-        del state_dict[key]
-
-
-def _ignore_missing_teacher_keys(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [
-        k for k in incompatible.missing_keys if not k.startswith("teacher.")
-    ]
 
 
 def _enable_activation_checkpointing(student: nn.Module) -> None:

@@ -36,7 +36,6 @@ import functools
 import inspect
 import logging
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lrkd.models.students import StudentBuilder
+from lrkd.models.teachers import exclude_from_state_dict
 
 log = logging.getLogger("lrkd")
 
@@ -175,26 +175,6 @@ def _gathered(module: nn.Module) -> Iterator[None]:
         module.reshard()
 
 
-def _drop_teacher_state(names: tuple[str, ...]) -> Any:
-    """A state-dict post-hook dropping the frozen teacher modules a clone registers for
-    sharding (they belong to the teacher and are reloaded with it, never saved here)."""
-
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(tuple(prefix + n + "." for n in names))]:
-            del state_dict[key]
-
-    return hook
-
-
-_TEACHER_KEY = re.compile(r"(^|\.)(teacher_layer|teacher_embed|teacher_norm|teacher_head)\.")
-
-
-def _ignore_missing_teacher_keys(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [
-        k for k in incompatible.missing_keys if not _TEACHER_KEY.search(k)
-    ]
-
-
 def _family_check(teacher: nn.Module) -> Any:
     config = getattr(teacher, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -298,8 +278,7 @@ class CloneBlock(nn.Module):
         for side, owner in (("teacher", teacher_layer), ("student", layer)):
             for path, _ in _TERM_TAPS.values():
                 _get(owner, path).register_forward_hook(self._tap_hook(f"{side}.{path}"))
-        self.register_state_dict_post_hook(_drop_teacher_state(("teacher_layer",)))
-        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+        exclude_from_state_dict(self, ("teacher_layer",))
 
     @property
     def teacher_layer_ref(self) -> nn.Module:
@@ -514,8 +493,7 @@ class LowRankClone(nn.Module):
         self.root_specs = self._build_specs(device)
         self._cache: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple[Any, ...] | None = None
-        self.register_state_dict_post_hook(_drop_teacher_state(_ROOT_TEACHER_PARTS))
-        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+        exclude_from_state_dict(self, _ROOT_TEACHER_PARTS)
 
         if init == "normal":
             self._init_normal(init_std, seed)

@@ -54,6 +54,24 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def exclude_from_state_dict(module: nn.Module, children: tuple[str, ...]) -> None:
+    """Leave ``module``'s named children (frozen teacher modules, reloaded from the teacher's
+    source) out of its ``state_dict``, and do not expect them when loading one."""
+    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, children))})\.")
+
+    def drop(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+        own = tuple(f"{prefix}{child}." for child in children)
+        for key in [k for k in state_dict if k.startswith(own)]:
+            del state_dict[key]
+
+    def ignore_missing(module: nn.Module, incompatible: Any) -> None:
+        missing = incompatible.missing_keys
+        missing[:] = [k for k in missing if not pattern.search(k)]
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_post_hook(ignore_missing)
+
+
 def load_teacher(
     name_or_path: str, dtype: torch.dtype | None = None, field: str = "model.teacher"
 ) -> nn.Module:
