@@ -300,7 +300,16 @@ class CloneBlock(nn.Module):
         """This layer's generated student tensors, by exported name."""
         return {spec.name: _generate(spec) for spec in self.specs}
 
-    def forward(
+    def forward(self, *args: Any, checkpointing: bool = False) -> Any:
+        """Teacher layer i (no grad) and student layer i, and the clone terms between them:
+        :meth:`pair`, run under activation checkpointing (recomputed in backward instead of
+        storing activations) with ``checkpointing`` while gradients are on. The checkpoint is
+        inside the block, so FSDP2's hooks on the block stay outside it."""
+        if checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.pair, *args, use_reentrant=False)
+        return self.pair(*args)
+
+    def pair(
         self,
         h_s: torch.Tensor,
         h_t: torch.Tensor | None,
@@ -314,38 +323,25 @@ class CloneBlock(nn.Module):
         weights: dict[str, torch.Tensor] | None = None,
         relative: bool = False,
         target_grad: bool = False,
-        checkpointing: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """Teacher layer (no grad) and student layer, and the clone terms between them.
+        """Run teacher layer i and student layer i on their hidden states.
 
         Args:
+            h_s, h_t: the student's and the teacher's hidden states (``h_t`` None: student only).
+            s_pos, t_pos: their rotary position embeddings.
+            token_mask: 1 for real tokens (the clone losses' mean), or None.
+            s_mask, t_mask: their attention masks.
+            position_ids: token positions.
+            terms: the clone terms to compute.
             weights: the clone's cached generated weights; ``None`` generates this layer's
                 inside the autograd graph (and inside the FSDP2 gather).
-            relative, target_grad: the clone's ``clone_loss == "relative_mse"`` and
-                ``clone_target_grad``.
-            checkpointing: recompute the pair in backward instead of storing activations.
-        """
-        args = (h_s, h_t, s_pos, t_pos, token_mask, s_mask, t_mask, position_ids, terms,
-                weights, relative, target_grad)  # fmt: skip
-        if checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._pair, *args, use_reentrant=False)
-        return self._pair(*args)
+            relative: divide each term by the teacher activation's mean square.
+            target_grad: let gradients flow through the projection that maps the teacher's
+                attention/FFN outputs into student space.
 
-    def _pair(
-        self,
-        h_s: torch.Tensor,
-        h_t: torch.Tensor | None,
-        s_pos: Any,
-        t_pos: Any,
-        token_mask: torch.Tensor | None,
-        s_mask: Any,
-        t_mask: Any,
-        position_ids: torch.Tensor,
-        terms: Sequence[str],
-        weights: dict[str, torch.Tensor] | None,
-        relative: bool,
-        target_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        Returns:
+            The new hidden states and the clone loss of each term.
+        """
         generated = self.generate() if weights is None else weights
         for spec in self.specs:
             setattr(spec.module, spec.attr, generated[spec.name])
@@ -828,8 +824,8 @@ class LowRankClone(nn.Module):
         for i, block in enumerate(self.blocks):
             h_s, h_t, losses = block(
                 h_s, h_t, s_pos, t_pos, token_mask, s_masks[i], t_masks[i] if t_masks else None,
-                position_ids, terms, weights, relative=self.clone_loss == "relative_mse",
-                target_grad=self.clone_target_grad, checkpointing=self.gradient_checkpointing,
+                position_ids, terms, weights, self.clone_loss == "relative_mse",
+                self.clone_target_grad, checkpointing=self.gradient_checkpointing,
             )  # fmt: skip
             for name, value in zip(terms, losses, strict=True):
                 totals[name] = totals[name] + value if name in totals else value

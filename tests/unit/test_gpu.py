@@ -42,3 +42,52 @@ def test_module_step_on_cuda_with_bf16_teacher() -> None:
     assert torch.isfinite(terms["loss"])
     assert next(module.teacher.parameters()).dtype == torch.bfloat16
     assert all(p.grad is not None for p in module.student.parameters())
+
+
+def _fit_on_cuda(tmp_path, teacher_dir, strategy: dict, student: dict, **model) -> None:
+    """`lrkd fit` on one GPU in bf16 mixed precision, in its own process, with a checkpoint."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "gpu", "devices": 1, "precision": "bf16-mixed", "max_steps": 3,
+            "strategy": strategy, "limit_val_batches": 0, "logger": False,
+            "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+        },
+        "model": {"teacher": str(teacher_dir), "teacher_dtype": "bfloat16", "student": student,
+                  "activation_checkpointing": True, **model},
+        "data": {"class_path": "lrkd.data.text.TextDataModule",
+                 "init_args": {"seq_length": 32, "batch_size": 2, "builtin_documents": 100}},
+    }  # fmt: skip
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "lrkd.cli", "fit", "--config", str(path)],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_fsdp2_bf16_low_rank_clone_fits_and_exports_on_cuda(tmp_path, tiny_teacher_dir) -> None:
+    from lrkd.cli import main
+
+    lrc = {"class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
+           "init_args": {"hidden_size": 32}}  # fmt: skip
+    _fit_on_cuda(tmp_path, tiny_teacher_dir, {"class_path": "lrkd.distributed.FSDP2Strategy"},
+                 lrc, clone_weight=0.2)  # fmt: skip
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # sharded
+    out = main(["export", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--out",
+                str(tmp_path / "exported")])  # fmt: skip
+    assert (out / "config.json").is_file()
+
+
+def test_fsdp1_bf16_plain_student_fits_on_cuda(tmp_path, tiny_teacher_dir) -> None:
+    plain = {"class_path": "lrkd.models.students.FromTeacherConfig",
+             "init_args": {"hidden_size": 32, "num_hidden_layers": 1}}  # fmt: skip
+    _fit_on_cuda(tmp_path, tiny_teacher_dir,
+                 {"class_path": "lrkd.distributed.LayerWiseFSDPStrategy"}, plain)  # fmt: skip
