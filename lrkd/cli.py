@@ -153,7 +153,10 @@ def main(args: ArgsType = None) -> LRKDCLI | Path:
 
 def console_main() -> None:
     """The ``lrkd`` console script (exit status 0 on success)."""
+    from lrkd.distributed import close_process_group
+
     main()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -164,6 +164,19 @@ def gathered_copy(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
     return into.eval()
 
 
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group, if there is one.
+
+    Called at the end of ``lrkd``: a rank that exits and closes its connections while another
+    is still finishing can make the other abort at interpreter shutdown (seen once with gloo).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over all ranks: Lightning's ``ModelParallelStrategy`` with a pure
     data-parallel mesh, so that ``devices`` and ``num_nodes`` are all it needs.

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
 from lrkd.data.datamodule import DistillDataModule
+from lrkd.distributed import close_process_group
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
@@ -78,3 +79,4 @@ def main(out_dir: str, devices: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], int(sys.argv[2]))
+    close_process_group()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 
 from conftest import make_tiny_llama
 
-from lrkd.distributed import FSDP2Strategy, local_numel
+from lrkd.distributed import FSDP2Strategy, close_process_group, local_numel
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -105,3 +105,4 @@ def main(
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    close_process_group()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
 from lrkd.callbacks.two_stage import TwoStageKL
-from lrkd.distributed import FSDP2Strategy
+from lrkd.distributed import FSDP2Strategy, close_process_group
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -106,3 +106,4 @@ if __name__ == "__main__":
     main(
         *sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6], sys.argv[6] if len(sys.argv) > 6 else None
     )
+    close_process_group()
