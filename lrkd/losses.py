@@ -49,6 +49,7 @@ __all__ = [
     "KDDivergence",
     "Reduction",
     "chunked_cross_entropy",
+    "head_kd_losses",
     "kd_divergence",
 ]
 
@@ -178,6 +179,164 @@ def chunked_cross_entropy(
     return _chunked_loss(
         logits, safe_targets, keep, _cross_entropy_rows, compute_dtype, chunk_size, reduction
     )
+
+
+def head_kd_losses(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    *,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token divergence and student cross-entropy straight from the final hidden states
+    and the LM heads, never materialising ``[tokens, V]`` logits of either model.
+
+    Equal to ``kd_divergence(student_hidden @ student_head.T, teacher_hidden @ teacher_head.T,
+    ...)`` and ``chunked_cross_entropy(student_logits, targets, mask)`` with ``reduction="none"``,
+    but the logits are made a chunk of selected tokens at a time, in the forward pass and again
+    in the backward pass, which returns the gradients of the student's hidden states and head
+    directly. Only the ``mask``-selected tokens are computed at all (prompts and padding cost
+    nothing). The heads' matmuls run in the autocast dtype when autocast is on (as the models'
+    own heads would), the divergence in float32.
+
+    Args:
+        student_hidden: The student's final (normed) hidden states ``[..., d_S]``.
+        student_head: Its LM head weight ``[V, d_S]`` (may require grad, e.g. a generated one).
+        teacher_hidden: The teacher's final hidden states ``[..., d_T]`` (no grad).
+        teacher_head: Its LM head weight ``[V, d_T]`` (no grad); align the vocabularies first
+            (slice both heads to the shared rows).
+        targets: Next-token ids of ``student_hidden.shape[:-1]`` for the cross-entropy.
+        mask: Tokens to include, of the same shape (bool or 0/1).
+        kind, temperature, beta, skew_alpha: the divergence, as in :func:`kd_divergence`.
+        chunk_size: Selected tokens per chunk; ``None`` chooses as in :func:`kd_divergence`.
+
+    Returns:
+        ``(divergence, cross_entropy)``, each of shape ``student_hidden.shape[:-1]`` in float32
+        (float64 for float64 inputs), zero where masked out.
+    """
+    _check_divergence_args(kind, temperature, beta, skew_alpha)
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(
+            f"The heads predict {student_head.shape[0]} (student) and {teacher_head.shape[0]} "
+            "(teacher) tokens; slice both to the shared vocabulary first"
+        )
+    batch_shape = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != batch_shape or targets.shape != batch_shape:
+        raise ValueError(
+            f"Hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and "
+            f"targets {tuple(targets.shape)} must share their leading dimensions"
+        )
+    keep = _broadcast_mask(mask, batch_shape, student_hidden.device).reshape(-1)
+    if chunk_size is None:
+        on_cpu = student_hidden.device.type == "cpu"
+        elements = _AUTO_CHUNK_ELEMENTS_CPU if on_cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
+        chunk_size = max(1, elements // max(student_head.shape[0], 1))
+    _check_chunk_size(chunk_size)
+    row_fn = functools.partial(
+        _divergence_rows, kind=kind, temperature=temperature, beta=beta, skew_alpha=skew_alpha
+    )
+    device = student_hidden.device.type
+    matmul_dtype = (
+        torch.get_autocast_dtype(device)
+        if torch.is_autocast_enabled(device)
+        else torch.promote_types(student_hidden.dtype, student_head.dtype)
+    )
+    divergence, cross_entropy = _FusedHeadLoss.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_head,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_head,
+        targets.reshape(-1),
+        keep,
+        row_fn,
+        matmul_dtype,
+        chunk_size,
+    )
+    return divergence.reshape(batch_shape), cross_entropy.reshape(batch_shape)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Divergence and cross-entropy rows from hidden states and heads, chunk by chunk, with the
+    logits recomputed per chunk in backward. Inputs are flattened ``[N, d]`` hidden states, the
+    ``[V, d]`` heads, ``[N]`` targets and a bool ``[N]`` mask; outputs two ``[N]`` float32
+    tensors."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        student_hidden: Tensor,
+        student_head: Tensor,
+        teacher_hidden: Tensor,
+        teacher_head: Tensor,
+        targets: Tensor,
+        keep: Tensor,
+        row_fn: RowFn,
+        matmul_dtype: torch.dtype,
+        chunk_rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        index = keep.nonzero().squeeze(-1)
+        h_s, h_t = student_hidden[index], teacher_hidden[index]  # only the selected tokens
+        target = targets[index].unsqueeze(-1)
+        dtype = _compute_dtype(matmul_dtype)
+        divergence = torch.zeros(index.shape[0], dtype=dtype, device=keep.device)
+        cross_entropy = torch.zeros_like(divergence)
+        for start in range(0, index.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            s = _head_logits(h_s[rows], student_head, matmul_dtype)
+            t = _head_logits(h_t[rows], teacher_head, matmul_dtype)
+            divergence[rows] = row_fn(s, t)
+            cross_entropy[rows] = _cross_entropy_rows(s, target[rows])
+        ctx.save_for_backward(h_s, student_head, h_t, teacher_head, target, index)
+        ctx.row_fn, ctx.matmul_dtype, ctx.chunk_rows = row_fn, matmul_dtype, chunk_rows
+        ctx.n_rows = keep.shape[0]
+        zeros = torch.zeros(keep.shape[0], dtype=dtype, device=keep.device)
+        return zeros.index_copy(0, index, divergence), zeros.index_copy(0, index, cross_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_divergence: Tensor, grad_cross_entropy: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        h_s, student_head, h_t, teacher_head, target, index = ctx.saved_tensors
+        need_hidden, need_head = ctx.needs_input_grad[:2]
+        grad_div, grad_ce = grad_divergence[index], grad_cross_entropy[index]
+        grad_h = torch.zeros_like(h_s) if need_hidden else None
+        accumulate = _compute_dtype(student_head.dtype)  # float32 (float64 for float64 heads)
+        grad_head = torch.zeros(student_head.shape, dtype=accumulate, device=h_s.device)
+        for start in range(0, index.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            with torch.enable_grad():
+                s = _head_logits(h_s[rows], student_head, ctx.matmul_dtype).detach()
+                s.requires_grad_(True)
+                t = _head_logits(h_t[rows], teacher_head, ctx.matmul_dtype)
+                loss = (ctx.row_fn(s, t) * grad_div[rows]).sum()
+                loss = loss + (_cross_entropy_rows(s, target[rows]) * grad_ce[rows]).sum()
+                (grad_logits,) = torch.autograd.grad(loss, s)
+            grad_logits = grad_logits.to(ctx.matmul_dtype)
+            if need_hidden:
+                grad_h[rows] = grad_logits @ student_head.to(ctx.matmul_dtype)
+            if need_head:
+                grad_head.addmm_(grad_logits.t().to(accumulate), h_s[rows].to(accumulate))
+        grad_hidden = None
+        if need_hidden:
+            full = torch.zeros((ctx.n_rows, h_s.shape[-1]), dtype=h_s.dtype, device=h_s.device)
+            grad_hidden = full.index_copy(0, index, grad_h.to(h_s.dtype))
+        grad_head_out = grad_head.to(student_head.dtype) if need_head else None
+        return grad_hidden, grad_head_out, None, None, None, None, None, None, None
+
+
+def _head_logits(hidden: Tensor, head: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+    """``hidden @ head.T`` in ``matmul_dtype`` (as the model's head would be under autocast),
+    returned in float32 (or float64) for the loss."""
+    logits = torch.nn.functional.linear(hidden.to(matmul_dtype), head.to(matmul_dtype))
+    return logits.to(_compute_dtype(matmul_dtype))
 
 
 class KDDivergence(nn.Module):

@@ -11,6 +11,7 @@ from lrkd.losses import (
     DIVERGENCE_KINDS,
     KDDivergence,
     chunked_cross_entropy,
+    head_kd_losses,
     kd_divergence,
 )
 
@@ -626,3 +627,79 @@ def test_cross_entropy_errors() -> None:
         chunked_cross_entropy(logits, torch.zeros(3, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         chunked_cross_entropy(logits, torch.zeros(3, 7))
+
+
+# ---------------------------------------------------------------------------- head_kd_losses
+
+
+def _head_inputs(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, length, d_s, d_t, vocab = 2, 7, 6, 10, 37
+    h_s = torch.randn(b, length, d_s, generator=g, dtype=dtype, requires_grad=True)
+    w_s = (torch.randn(vocab, d_s, generator=g, dtype=dtype) * 0.7).requires_grad_(True)
+    h_t = torch.randn(b, length, d_t, generator=g, dtype=dtype)
+    w_t = torch.randn(vocab, d_t, generator=g, dtype=dtype) * 0.7
+    targets = torch.randint(0, vocab, (b, length), generator=g)
+    mask = torch.rand(b, length, generator=g) > 0.3
+    mask[0, 0] = True
+    return h_s, w_s, h_t, w_t, targets, mask
+
+
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_kd_losses_equal_the_logits_path(kind: str, dtype: torch.dtype) -> None:
+    """The fused path (logits a few tokens at a time, from hidden states and heads) gives the
+    plain path's per-token divergence and CE, and the same gradients for the student's hidden
+    states and head; masked-out tokens are zero and get no gradient."""
+    h_s, w_s, h_t, w_t, targets, mask = _head_inputs(dtype)
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    div, ce = head_kd_losses(h_s, w_s, h_t, w_t, targets, mask, kind, 2.0, beta=0.3,
+                             skew_alpha=0.2, chunk_size=3)  # fmt: skip
+    (div * weights).sum().add((ce * weights.flip(0)).sum()).backward()
+    fused = (div.detach(), ce.detach(), h_s.grad.clone(), w_s.grad.clone())
+    h_s.grad = w_s.grad = None
+
+    s_logits, t_logits = h_s @ w_s.t(), h_t @ w_t.t()
+    ref_div = kd_divergence(s_logits, t_logits, kind, 2.0, mask, beta=0.3, skew_alpha=0.2)
+    ref_ce = chunked_cross_entropy(s_logits, targets, mask)
+    (ref_div * weights).sum().add((ref_ce * weights.flip(0)).sum()).backward()
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused[0], ref_div.to(fused[0].dtype), **tol)
+    torch.testing.assert_close(fused[1], ref_ce.to(fused[1].dtype), **tol)
+    torch.testing.assert_close(fused[2], h_s.grad, **tol)
+    torch.testing.assert_close(fused[3], w_s.grad, **tol)
+    assert (fused[0][~mask] == 0).all() and (fused[2][~mask] == 0).all()
+
+
+def test_head_kd_losses_gradient_reaches_a_generated_head() -> None:
+    """A head made from a projection (a low-rank clone's E_T @ P) gets its gradient through
+    autograd, equal to the logits path's."""
+    h_s, _, h_t, w_t, targets, mask = _head_inputs(torch.float64)
+    proj = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    div, ce = head_kd_losses(h_s, w_t @ proj, h_t, w_t, targets, mask, chunk_size=4)
+    (div.sum() + ce.sum()).backward()
+    fused = proj.grad.clone()
+    proj.grad = None
+    s_logits = h_s @ (w_t @ proj).t()
+    ref = kd_divergence(s_logits, h_t @ w_t.t(), mask=mask).sum()
+    (ref + chunked_cross_entropy(s_logits, targets, mask).sum()).backward()
+    torch.testing.assert_close(fused, proj.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_head_kd_losses_under_cpu_autocast_match_bf16_logits() -> None:
+    """Under autocast the heads' matmuls run in bf16, as the models' own heads would."""
+    h_s, w_s, h_t, w_t, targets, mask = _head_inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        div, ce = head_kd_losses(h_s, w_s, h_t, w_t, targets, mask, chunk_size=5)
+        s_logits, t_logits = h_s @ w_s.t(), h_t @ w_t.t()
+        assert s_logits.dtype == torch.bfloat16
+        ref = kd_divergence(s_logits, t_logits, mask=mask)
+    torch.testing.assert_close(div, ref, rtol=1e-5, atol=1e-6)
+    (div.sum() + ce.sum()).backward()
+    assert h_s.grad.dtype == torch.float32 and w_s.grad.dtype == torch.float32
+
+
+def test_head_kd_losses_check_vocabularies() -> None:
+    h_s, w_s, h_t, w_t, targets, mask = _head_inputs(torch.float32)
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        head_kd_losses(h_s, w_s[:-1], h_t, w_t, targets, mask)
