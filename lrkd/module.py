@@ -20,7 +20,7 @@ from lrkd.data.rollout import (
     row_seed,
 )
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
-from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy
+from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import exclude_from_state_dict, freeze, load_teacher, load_tokenizer
 
@@ -87,6 +87,12 @@ class DistillationModule(LightningModule):
         activation_checkpointing: recompute each student decoder layer (for a low-rank clone,
             each (teacher layer, student layer) pair) in backward instead of storing its
             activations: less memory for about one more forward of compute.
+        fused_head: take the training divergence and CE from the models' final hidden states
+            and LM heads a few tokens at a time (``lrkd.losses.head_kd_losses``), never making
+            the full [tokens, V] logits of either model: ``None`` does so on a CUDA device
+            when the models allow it (a LowRankClone, or Hugging Face causal LMs with a plain
+            head, not FSDP2-sharded), ``true`` always (an error if they do not), ``false``
+            never. Validation always uses the logits.
         on_policy_fraction: share of training batches on which the student's own completions
             replace the data's responses (GKD's lambda): 0 never (plain distillation), 1 always.
             Which batches are on-policy is a fixed function of ``on_policy_seed`` and the step,
@@ -120,6 +126,7 @@ class DistillationModule(LightningModule):
         vocab_size: int | None = None,
         teacher_dtype: str = "auto",
         activation_checkpointing: bool = False,
+        fused_head: bool | None = None,
         on_policy_fraction: float = 0.0,
         on_policy_max_new_tokens: int = 64,
         on_policy_temperature: float = 1.0,
@@ -159,6 +166,7 @@ class DistillationModule(LightningModule):
             ignore=objects + ([] if isinstance(teacher, str) else ["teacher"])
         )
         self.scale_by_temperature_squared = scale_by_temperature_squared
+        self.fused_head = fused_head
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
         self.clone_weight = clone_weight
@@ -308,17 +316,35 @@ class DistillationModule(LightningModule):
         targets = torch.zeros_like(input_ids)
         targets[:, :-1] = input_ids[:, 1:]
         clone_losses: dict[str, torch.Tensor] = {}
-        if self.co_run:  # one pass, teacher and student layer by layer (e.g. a low-rank clone)
-            out = self.student(input_ids, attention_mask, with_teacher=True)
-            student_logits, teacher_logits = out.logits, out.teacher_logits
-            clone_losses = out.clone_losses
+        if self._fused_step():  # logits never made in full: from hidden states and heads
+            hidden, head, t_hidden, t_head, clone_losses = self._hidden_and_heads(
+                input_ids, attention_mask
+            )
+            if self.shared_vocab is not None:
+                head, t_head = head[: self.shared_vocab], t_head[: self.shared_vocab]
+            loss_fn = self.kd_loss
+            kd_tokens, ce_tokens = head_kd_losses(
+                hidden, head, t_hidden, t_head, targets, mask, loss_fn.kind,
+                loss_fn.temperature, beta=loss_fn.beta, skew_alpha=loss_fn.skew_alpha,
+                chunk_size=loss_fn.chunk_size,
+            )  # fmt: skip
+            ce = ce_tokens.sum() / mask.sum().clamp_min(1)
         else:
-            with torch.no_grad():
-                teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
-            student_logits = model_logits(self.student, input_ids, attention_mask)
-        student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
+            if self.co_run:  # one pass, teacher and student layer by layer (a low-rank clone)
+                out = self.student(input_ids, attention_mask, with_teacher=True)
+                student_logits, teacher_logits = out.logits, out.teacher_logits
+                clone_losses = out.clone_losses
+            else:
+                with torch.no_grad():
+                    teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
+                student_logits = model_logits(self.student, input_ids, attention_mask)
+            student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
+            kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
+            ce = chunked_cross_entropy(
+                student_logits, targets, mask, chunk_size=self.kd_loss.chunk_size,
+                reduction="mean",
+            )  # fmt: skip
 
-        kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
         n_tokens = mask.sum().clamp_min(1)
         kd_per_example = kd_tokens.sum(dim=-1)
         weight = batch.get("weight")
@@ -328,9 +354,6 @@ class DistillationModule(LightningModule):
         if self.scale_by_temperature_squared:
             kd = kd * self.kd_loss.temperature**2
 
-        ce = chunked_cross_entropy(
-            student_logits, targets, mask, chunk_size=self.kd_loss.chunk_size, reduction="mean"
-        )
         loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
         terms = {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
         if clone_losses:
@@ -349,6 +372,37 @@ class DistillationModule(LightningModule):
                     reduction="mean",
                 )
         return terms
+
+    def _fused_step(self) -> bool:
+        """Whether this step takes the divergence and CE from hidden states and heads
+        (``fused_head``): training steps only; ``None`` means on a CUDA device when supported."""
+        if not self.training or self.fused_head is False:
+            return False
+        supported = self.co_run or (
+            _final_norm(self.teacher) is not None
+            and _final_norm(self.student) is not None
+            and not is_sharded(self.student)
+        )
+        if self.fused_head and not supported:
+            raise ValueError(
+                "model.fused_head=true needs a LowRankClone student, or teacher and student that "
+                "are Hugging Face causal LMs with a final norm (.model.norm) and a bias-free LM "
+                "head, not sharded by FSDP2; set fused_head: null or false."
+            )
+        return supported and (self.fused_head or self.device.type == "cuda")
+
+    def _hidden_and_heads(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Final hidden states and LM head weights of student and teacher, and clone losses."""
+        if self.co_run:
+            out = self.student(input_ids, attention_mask, with_teacher=True, return_hidden=True)
+            return out.hidden, out.head, out.teacher_hidden, out.teacher_head, out.clone_losses
+        with torch.no_grad():
+            t_hidden = _final_hidden(self.teacher, input_ids, attention_mask)
+        hidden = _final_hidden(self.student, input_ids, attention_mask)
+        heads = [m.get_output_embeddings().weight for m in (self.student, self.teacher)]
+        return hidden, heads[0], t_hidden, heads[1], {}
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         on_step = stage == "train"
@@ -561,6 +615,33 @@ class DistillationModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    """The final norm of a Hugging Face causal LM whose logits are ``lm_head(norm(h))`` (no
+    head bias, soft-capping or logit scale), or None."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config = getattr(model, "config", None)
+    plain_head = isinstance(head, nn.Linear) and head.bias is None
+    scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    return norm if isinstance(norm, nn.Module) and plain_head and not scaled else None
+
+
+def _final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The final normed hidden states [B, L, d] of a Hugging Face causal LM, taken from its
+    final norm during a forward that computes logits for no position."""
+    captured: list[torch.Tensor] = []
+    handle = _final_norm(model).register_forward_hook(lambda m, a, out: captured.append(out))
+    try:
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=none)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def _enable_activation_checkpointing(student: nn.Module) -> None:

@@ -95,14 +95,22 @@ class LowRankCloneOutput:
     """What :meth:`LowRankClone.forward` returns.
 
     Attributes:
-        logits: the student's logits [B, L, V].
-        teacher_logits: the teacher's logits [B, L, V] (no grad) when run with the teacher.
+        logits: the student's logits [B, L, V] (None with ``return_hidden``).
+        teacher_logits: the teacher's logits [B, L, V] (no grad) when run with the teacher
+            (None with ``return_hidden``).
         clone_losses: per clone term, the MSE summed over layers (empty without the teacher).
+        hidden, head: with ``return_hidden``, the student's final normed hidden states
+            [B, L, d_S] and its LM head weight [V, d_S] (generated, in the autograd graph).
+        teacher_hidden, teacher_head: the same for the teacher (no grad), when run with it.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     teacher_logits: torch.Tensor | None = None
     clone_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    head: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
+    teacher_head: torch.Tensor | None = None
 
 
 @dataclass
@@ -786,6 +794,7 @@ class LowRankClone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         with_teacher: bool = False,
+        return_hidden: bool = False,
         **kwargs: Any,
     ) -> LowRankCloneOutput:
         """Run the student (and, with ``with_teacher``, the teacher alongside).
@@ -796,6 +805,8 @@ class LowRankClone(nn.Module):
             position_ids: positions [B, L]; ``None`` is 0..L-1.
             with_teacher: also run the teacher layer by layer, return its logits and the
                 activation clone losses.
+            return_hidden: return the final hidden states and LM head weights instead of
+                logits (for :func:`lrkd.losses.head_kd_losses`, which never makes full logits).
 
         Returns:
             A :class:`LowRankCloneOutput`.
@@ -830,12 +841,20 @@ class LowRankClone(nn.Module):
             for name, value in zip(terms, losses, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
 
-        logits = F.linear(self.norm(h_s), head_w)
+        hidden = self.norm(h_s)
+        teacher_hidden = None
+        if with_teacher:
+            with torch.no_grad():
+                teacher_hidden = teacher.model.norm(h_t)
+        if return_hidden:
+            teacher_head = teacher.lm_head.weight if with_teacher else None
+            return LowRankCloneOutput(None, None, totals, hidden, head_w, teacher_hidden,
+                                      teacher_head)  # fmt: skip
         teacher_logits = None
         if with_teacher:
             with torch.no_grad():
-                teacher_logits = teacher.lm_head(teacher.model.norm(h_t))
-        return LowRankCloneOutput(logits, teacher_logits, totals)
+                teacher_logits = teacher.lm_head(teacher_hidden)
+        return LowRankCloneOutput(F.linear(hidden, head_w), teacher_logits, totals)
 
     def _embedding_and_head(
         self, weights: dict[str, torch.Tensor] | None

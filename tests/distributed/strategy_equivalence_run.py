@@ -75,6 +75,8 @@ def main(
         make_tiny_llama(seed=0), student, clone_weight=0.5 if student_kind == "lrc" else 0.0,
         teacher_dtype="float32", optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
         activation_checkpointing=strategy == "fsdp2",  # composes with FSDP2; exact recompute
+        # The fused head+divergence path under FSDP2 for the clone (the logits path elsewhere).
+        fused_head=strategy == "fsdp2" and student_kind == "lrc",
     )  # fmt: skip
     record = Losses()
     strategies = {"fsdp2": FSDP2Strategy(), "ddp": "ddp" if devices > 1 else "auto"}

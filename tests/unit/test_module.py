@@ -203,3 +203,61 @@ def test_activation_checkpointing_needs_a_checkpointable_student() -> None:
 
     with pytest.raises(ValueError, match="activation_checkpointing"):
         _module(student=Bare(), activation_checkpointing=True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "lrc", "padded_vocab"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_fused_head_step_equals_the_logits_step(kind: str, divergence: str) -> None:
+    """``fused_head``: the training loss terms and the student's gradients equal the logits
+    path's (weights, padding, temperature 2, clone terms, a padded student vocabulary)."""
+    from lrkd.models.lowrank import LowRankCloneBuilder
+
+    results = []
+    for fused in (False, True):
+        kwargs = {}
+        if kind == "lrc":
+            student = LowRankCloneBuilder(hidden_size=32, init_std=0.1, cache_weights=True)
+            kwargs["clone_weight"] = 0.5
+        elif kind == "padded_vocab":
+            student = make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2,
+                                      vocab_size=TINY_VOCAB + 8)  # fmt: skip
+            kwargs["vocab_size"] = TINY_VOCAB
+        else:
+            student = FromTeacherConfig(hidden_size=32, num_hidden_layers=2, seed=0)
+        module = _module(student=student, divergence=divergence, temperature=2.0, ce_weight=0.3,
+                         fused_head=fused, **kwargs)  # fmt: skip
+        module.train()
+        terms = module.distillation_loss(_batch(5))
+        terms["loss"].backward()
+        module.on_before_optimizer_step(None)
+        assert module._fused_step() is fused
+        grads = {n: p.grad for n, p in module.student.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        results.append(({k: v.detach() for k, v in terms.items()}, grads))
+    (terms_a, grads_a), (terms_b, grads_b) = results
+    assert terms_a.keys() == terms_b.keys()
+    for key, value in terms_a.items():
+        torch.testing.assert_close(terms_b[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_is_off_in_evaluation_and_on_cpu_by_default() -> None:
+    module = _module(student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1))
+    module.train()
+    assert module.fused_head is None and not module._fused_step()  # CPU: the logits path
+    module.fused_head = True
+    assert module._fused_step()
+    module.eval()
+    assert not module._fused_step()
+
+
+def test_fused_head_refuses_a_student_without_hidden_states() -> None:
+    class Bare(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return torch.zeros(*input_ids.shape, TINY_VOCAB)
+
+    module = _module(student=Bare(), fused_head=True)
+    module.train()
+    with pytest.raises(ValueError, match="fused_head"):
+        module.distillation_loss(_batch(0))
