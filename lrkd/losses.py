@@ -215,7 +215,9 @@ def head_kd_losses(
         targets: Next-token ids of ``student_hidden.shape[:-1]`` for the cross-entropy.
         mask: Tokens to include, of the same shape (bool or 0/1).
         kind, temperature, beta, skew_alpha: the divergence, as in :func:`kd_divergence`.
-        chunk_size: Selected tokens per chunk; ``None`` chooses as in :func:`kd_divergence`.
+        chunk_size: Selected tokens per chunk; ``None`` takes the larger of the logits path's
+            chunk and ``1 / (V // d)`` of the selected tokens (d the wider hidden size), so
+            that the heads, read whole by every chunk, are read at most about ``V / d`` times.
 
     Returns:
         ``(divergence, cross_entropy)``, each of shape ``student_hidden.shape[:-1]`` in float32
@@ -235,9 +237,16 @@ def head_kd_losses(
         )
     keep = _broadcast_mask(mask, batch_shape, student_hidden.device).reshape(-1)
     if chunk_size is None:
+        # Every chunk reads both heads whole, so chunks must not be too small: at most about
+        # V / d of them (Liger's rule), i.e. one chunk's logits are about the hidden states'
+        # size, and at least the logits path's chunk.
         on_cpu = student_hidden.device.type == "cpu"
         elements = _AUTO_CHUNK_ELEMENTS_CPU if on_cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
-        chunk_size = max(1, elements // max(student_head.shape[0], 1))
+        vocab = max(student_head.shape[0], 1)
+        width = max(student_hidden.shape[-1], teacher_hidden.shape[-1])
+        n_chunks = max(1, vocab // width)
+        selected = int(keep.sum())
+        chunk_size = max(1, elements // vocab, -(-selected // n_chunks))
     _check_chunk_size(chunk_size)
     row_fn = functools.partial(
         _divergence_rows, kind=kind, temperature=temperature, beta=beta, skew_alpha=skew_alpha
