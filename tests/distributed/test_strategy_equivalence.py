@@ -1,7 +1,8 @@
 """2-process DDP and 2-process FSDP2 (with activation checkpointing, and for the clone the fused
-head+divergence path) on CPU follow the 1-process (logits path) loss trajectory on the same global batches, for a plain student and for a LowRankClone; under
-FSDP2 the frozen teacher is sharded too (each rank holds half of it) and never enters the
-optimizer; FSDP2 in bf16 (mixed and true) stays within bf16 rounding of the fp32 run."""
+head+divergence path) on CPU follow the 1-process (logits path) loss trajectory on the same
+global batches, for a plain student and for a LowRankClone; under FSDP2 the frozen teacher is
+sharded too (each rank holds half of it) and never enters the optimizer; FSDP2 in bf16 (mixed
+and true) stays within bf16 rounding of the fp32 run."""
 
 from __future__ import annotations
 
