@@ -91,3 +91,35 @@ def test_fsdp1_bf16_plain_student_fits_on_cuda(tmp_path, tiny_teacher_dir) -> No
              "init_args": {"hidden_size": 32, "num_hidden_layers": 1}}  # fmt: skip
     _fit_on_cuda(tmp_path, tiny_teacher_dir,
                  {"class_path": "lrkd.distributed.LayerWiseFSDPStrategy"}, plain)  # fmt: skip
+
+
+def test_fused_head_step_on_cuda_in_bf16_matches_the_logits_step() -> None:
+    """On CUDA ``fused_head`` is on by default; under bf16 autocast its loss and gradients
+    follow the logits path within bf16 rounding."""
+    from lrkd.models.lowrank import LowRankCloneBuilder
+
+    results = []
+    for fused in (False, None):  # None: the default, which is the fused path on CUDA
+        module = DistillationModule(
+            teacher=make_tiny_llama(seed=0), teacher_dtype="bfloat16", ce_weight=0.5,
+            student=LowRankCloneBuilder(hidden_size=32, init_std=0.1), clone_weight=0.2,
+            fused_head=fused,
+        ).cuda()  # fmt: skip
+        module.train()
+        assert module._fused_step() is (fused is None)
+        torch.manual_seed(0)
+        ids = torch.randint(4, 100, (2, 24)).cuda()
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "loss_mask": torch.ones_like(ids)}  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            terms = module.distillation_loss(batch)
+        terms["loss"].backward()
+        module.on_before_optimizer_step(None)
+        grads = {n: p.grad.float().cpu() for n, p in module.student.named_parameters()
+                 if p.grad is not None}  # fmt: skip
+        results.append((terms["loss"].detach().float().cpu(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=1e-3)
+    for name, grad in grads_a.items():  # bf16 rounding: compare whole tensors (CPU: <= 1%)
+        error = (grads_b[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 3e-2, (name, float(error))
