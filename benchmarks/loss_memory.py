@@ -85,6 +85,15 @@ def naive_loss(student, teacher, kind: str):
     return values.mean()
 
 
+def logits_loss(args: argparse.Namespace, student: Any, teacher: Any) -> Any:
+    """The mean divergence of the ``naive`` or the ``chunked`` (lrkd) implementation."""
+    from lrkd.losses import kd_divergence
+
+    if args.worker == "naive":
+        return naive_loss(student, teacher, args.kind)
+    return kd_divergence(student, teacher, args.kind, chunk_size=args.chunk_size, reduction="mean")
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, float]:
     """Measures one implementation in this process.
 
@@ -95,8 +104,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, float]:
         Peak extra memory (MiB), wall time (ms) and the loss value.
     """
     import torch
-
-    from lrkd.losses import kd_divergence
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -110,12 +117,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, float]:
     baseline = max_rss_mib()
 
     start = time.perf_counter()
-    if args.worker == "naive":
-        loss = naive_loss(student, teacher, args.kind)
-    else:
-        loss = kd_divergence(
-            student, teacher, args.kind, chunk_size=args.chunk_size, reduction="mean"
-        )
+    loss = logits_loss(args, student, teacher)
     loss.backward()
     elapsed_ms = (time.perf_counter() - start) * 1e3
 
@@ -127,7 +129,7 @@ def _run_from_hidden(args: argparse.Namespace, dtype: Any, generator: Any) -> di
     """The worker for ``--from-hidden``: the loss starts from hidden states and LM heads."""
     import torch
 
-    from lrkd.losses import head_kd_losses, kd_divergence
+    from lrkd.losses import head_kd_losses
 
     d_s, d_t = args.from_hidden
     tokens = (args.batch, args.length)
@@ -149,13 +151,7 @@ def _run_from_hidden(args: argparse.Namespace, dtype: Any, generator: Any) -> di
                                 chunk_size=args.chunk_size)  # fmt: skip
         loss = div.mean()
     else:
-        student, teacher = h_s @ w_s.t(), (h_t @ w_t.t()).detach()
-        if args.worker == "naive":
-            loss = naive_loss(student, teacher, args.kind)
-        else:
-            loss = kd_divergence(
-                student, teacher, args.kind, chunk_size=args.chunk_size, reduction="mean"
-            )
+        loss = logits_loss(args, h_s @ w_s.t(), (h_t @ w_t.t()).detach())
     loss.backward()
     elapsed_ms = (time.perf_counter() - start) * 1e3
     assert h_s.grad is not None and w_s.grad is not None

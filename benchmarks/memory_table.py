@@ -72,10 +72,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+from shapes import LLAMA_3B_LRC, Shape, teacher_config
 
 BF16 = 2
 FP32 = 4
@@ -85,17 +86,6 @@ GIB = 2**30
 MIB = 2**20
 N_LINEARS = 7  # q, k, v, o, gate, up, down
 
-LLAMA_3B = dict(
-    teacher_hidden=3072,
-    student_hidden=1536,
-    layers=28,
-    heads=24,
-    kv_heads=8,
-    head_dim=128,
-    ffn=8192,
-    vocab=128256,
-)
-# The tiny Llama of tests/conftest.py (tiny_config_fields), with a student of hidden 32.
 TINY = dict(
     teacher_hidden=64,
     student_hidden=32,
@@ -182,7 +172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         The parsed arguments (the ``--tiny`` sizes replace the model sizes).
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = LLAMA_3B
+    d = asdict(LLAMA_3B_LRC)
     parser.add_argument("--teacher-hidden", type=int, default=d["teacher_hidden"])
     parser.add_argument("--student-hidden", type=int, default=d["student_hidden"])
     parser.add_argument("--layers", type=int, default=d["layers"], help="Decoder layers.")
@@ -211,28 +201,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def teacher_config(args: argparse.Namespace) -> Any:
-    """The teacher's LlamaConfig, built in code (no Hub access).
-
-    Args:
-        args: The parsed command line.
-
-    Returns:
-        A ``transformers.LlamaConfig``.
-    """
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.teacher_hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=2048,
-        tie_word_embeddings=not args.untied,
-    )
+def shape_of(args: argparse.Namespace) -> Shape:
+    """The shape the command line describes."""
+    sizes = {f.name: getattr(args, f.name) for f in fields(Shape) if hasattr(args, f.name)}
+    return Shape(**sizes, tied=not args.untied)
 
 
 def count_params(config: Any) -> Counts:
@@ -300,22 +272,14 @@ def check_on_tiny() -> list[str]:
     Returns:
         One line per checked configuration.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from lrkd.models.lowrank import LowRankClone, student_config_for
 
     lines = []
     for tied in (True, False):
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=tied,
-        )
+        tiny = {**TINY, "tied": tied, "seq": 256}  # tests/conftest.py's tiny Llama
+        config = teacher_config(Shape(**tiny))
         torch.manual_seed(0)
         teacher = LlamaForCausalLM(config).eval()
         clone = LowRankClone(teacher, hidden_size=32, seed=0)
@@ -676,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lrkd.models.lowrank import student_config_for
 
     checks = check_on_tiny()
-    t_config = teacher_config(args)
+    t_config = teacher_config(shape_of(args))
     teacher = count_params(t_config)
     student = count_params(student_config_for(t_config, args.student_hidden))
     lrc = lrc_counts(args.teacher_hidden, args.student_hidden, args.layers, not args.untied)

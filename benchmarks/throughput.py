@@ -91,6 +91,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shapes import LLAMA_3B_LRC, Shape, teacher_config
+
 KINDS = ("lrc", "plain")
 RESULT_MARKER = "THROUGHPUT_RESULT "
 GIB = 2**30
@@ -106,57 +108,6 @@ ISSUE_GENERATION_TFLOP = 17.8
 ISSUE_CEILING_TFLOPS = 744.0
 
 
-@dataclass(frozen=True)
-class Shape:
-    """Teacher and student sizes of one benchmark (Llama family).
-
-    Attributes:
-        vocab: Vocabulary size V.
-        teacher_hidden: Teacher hidden size d_T.
-        student_hidden: Student hidden size d_S.
-        layers: Decoder layers L (teacher and student).
-        heads: Attention heads (teacher and student).
-        kv_heads: Key/value heads (teacher and student).
-        head_dim: Width of one head.
-        ffn: FFN (intermediate) width F (teacher and student).
-        tied: Whether the embeddings are tied to the LM head.
-        seq: Tokens per sequence.
-    """
-
-    vocab: int
-    teacher_hidden: int
-    student_hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    tied: bool
-    seq: int
-
-    @property
-    def q(self) -> int:
-        """Query width heads * head_dim."""
-        return self.heads * self.head_dim
-
-    @property
-    def kv(self) -> int:
-        """Key (or value) width kv_heads * head_dim."""
-        return self.kv_heads * self.head_dim
-
-
-DEFAULT_SHAPE = Shape(
-    vocab=128_256,
-    teacher_hidden=3072,
-    student_hidden=1536,
-    layers=28,
-    heads=24,
-    kv_heads=8,
-    head_dim=128,
-    ffn=8192,
-    tied=True,
-    seq=2048,
-)
 TINY_SHAPE = Shape(
     vocab=512,
     teacher_hidden=64,
@@ -289,7 +240,7 @@ def formula_lines(shape: Shape) -> list[str]:
 
 def issue_cross_check() -> dict[str, float]:
     """This script's FLOPs at the issue's default shape next to the issue's numbers."""
-    shape = DEFAULT_SHAPE
+    shape = LLAMA_3B_LRC
     plain = flops_per_token("plain", shape, 1, 1)
     g = generation_flops(shape)
     layers_only = g - 2 * shape.teacher_hidden * shape.student_hidden * shape.vocab
@@ -339,7 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     Returns:
         The parsed arguments (``--tiny`` replaces the shape).
     """
-    d = DEFAULT_SHAPE
+    d = LLAMA_3B_LRC
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps-kind", choices=(*KINDS, "both"), default="both")
     parser.add_argument("--tiny", action="store_true", help="A tiny Llama (smoke run, CI).")
@@ -441,24 +392,6 @@ def micro_batch_of(kind: str, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- worker
-def teacher_config(shape: Shape) -> Any:
-    """The teacher's ``LlamaConfig``, built in code (no Hub access)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.teacher_hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=max(2048, shape.seq),
-        tie_word_embeddings=shape.tied,
-        use_cache=False,
-    )
-
-
 def plain_student_builder(shape: Shape, seed: int) -> Any:
     """A ``FromTeacherConfig`` for a plain student shaped like the materialised clone."""
     from lrkd.models.students import FromTeacherConfig
@@ -879,7 +812,7 @@ def complete_row(row: dict[str, Any], shape: Shape, precision: str) -> dict[str,
         mfu_model_only=flops.model * row["tokens_per_s"] / 1e12 / row["ceiling_tflops"],
         anchor_tokens_per_s=ANCHORS[row["kind"]],
         anchor_ratio=row["tokens_per_s"] / ANCHORS[row["kind"]],
-        anchor_comparable=shape == DEFAULT_SHAPE
+        anchor_comparable=shape == LLAMA_3B_LRC
         and precision == "bf16-mixed"
         and "H100" in row["device_name"],
     )

@@ -236,18 +236,8 @@ def head_kd_losses(
             f"targets {tuple(targets.shape)} must share their leading dimensions"
         )
     keep = _broadcast_mask(mask, batch_shape, student_hidden.device).reshape(-1)
-    if chunk_size is None:
-        # Every chunk reads both heads whole, so chunks must not be too small: at most about
-        # V / d of them (Liger's rule), i.e. one chunk's logits are about the hidden states'
-        # size, and at least the logits path's chunk.
-        on_cpu = student_hidden.device.type == "cpu"
-        elements = _AUTO_CHUNK_ELEMENTS_CPU if on_cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
-        vocab = max(student_head.shape[0], 1)
-        width = max(student_hidden.shape[-1], teacher_hidden.shape[-1])
-        n_chunks = max(1, vocab // width)
-        selected = int(keep.sum())
-        chunk_size = max(1, elements // vocab, -(-selected // n_chunks))
-    _check_chunk_size(chunk_size)
+    if chunk_size is not None:
+        _check_chunk_size(chunk_size)
     row_fn = functools.partial(
         _divergence_rows, kind=kind, temperature=temperature, beta=beta, skew_alpha=skew_alpha
     )
@@ -271,6 +261,16 @@ def head_kd_losses(
     return divergence.reshape(batch_shape), cross_entropy.reshape(batch_shape)
 
 
+def _head_chunk_rows(selected: int, vocab: int, width: int, device: torch.device) -> int:
+    """Rows per chunk of the fused head path. Every chunk reads both heads whole, so chunks
+    must not be too small: at most about ``V / d`` of them (Liger's rule; one chunk's logits are
+    then about the hidden states' size), and at least the logits path's chunk."""
+    on_cpu = device.type == "cpu"
+    elements = _AUTO_CHUNK_ELEMENTS_CPU if on_cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
+    n_chunks = max(1, vocab // max(width, 1))
+    return max(1, elements // max(vocab, 1), -(-selected // n_chunks))
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Divergence and cross-entropy rows from hidden states and heads, chunk by chunk, with the
     logits recomputed per chunk in backward. Inputs are flattened ``[N, d]`` hidden states, the
@@ -288,9 +288,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         keep: Tensor,
         row_fn: RowFn,
         matmul_dtype: torch.dtype,
-        chunk_rows: int,
+        chunk_rows: int | None,
     ) -> tuple[Tensor, Tensor]:
-        index = keep.nonzero().squeeze(-1)
+        index = keep.nonzero().squeeze(-1)  # the step's one host sync: the selected count
+        if chunk_rows is None:
+            width = max(student_hidden.shape[-1], teacher_hidden.shape[-1])
+            chunk_rows = _head_chunk_rows(index.shape[0], student_head.shape[0], width, keep.device)
         h_s, h_t = student_hidden[index], teacher_hidden[index]  # only the selected tokens
         target = targets[index].unsqueeze(-1)
         dtype = _compute_dtype(matmul_dtype)
