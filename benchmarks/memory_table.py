@@ -31,19 +31,16 @@ Model-state bytes per device, bf16-mixed precision, AdamW (the rows of the table
   generation runs inside the checkpoint; without it every layer's generated weights are saved
   for backward.
 - ``cache_weights`` on one device (lrkd's default at N = 1): all generated weights kept for the
-  step as leaf tensors in the projections' dtype (fp32: generation runs with autocast off)
-  with fp32 gradients. ``--cache-dtype bfloat16`` prices bf16 weights + fp32 gradients instead.
+  step as leaf tensors in the autocast dtype (bf16) with bf16 gradients.
 - DDP as lrkd runs it at N >= 2: ``DistillationModule.setup`` turns ``cache_weights`` off and
-  the weights are generated inside autograd under bf16 autocast: the generated weights (bf16)
-  and a bf16 cast of each teacher matrix they are made from (saved for the projections'
-  gradient) live until backward. The embedding's are made outside the layer loop, so they are
-  always kept; the layers' are made inside each block, so per-layer checkpointing keeps only
-  the one being recomputed. Plus DDP's fp32 gradient buckets (Lightning leaves
-  ``gradient_as_bucket_view`` off).
+  the weights are generated inside autograd in bf16: the generated weights live until
+  backward (the bf16 teacher matrices they are made from are saved by reference, not copied).
+  The embedding's are made outside the layer loop, so they are always kept; the layers' are
+  made inside each block, so per-layer checkpointing keeps only the one being recomputed. Plus
+  DDP's fp32 gradient buckets (Lightning leaves ``gradient_as_bucket_view`` off).
 
-Listed but not added to the rows (they do not coincide with the whole row): autocast's bf16
-casts of the cached fp32 weights during the forward, and the fp32 cast of one teacher matrix
-(largest: the embedding) made while generating and flushing.
+Listed but not added to the rows (they do not coincide with the whole row): the bf16 copy of
+the fp32 projections made for each generation.
 
 Activations are not in the model-state table. A separate rough estimate, per token, for the
 teacher forward (no grad) and the student with per-layer (teacher, student) pair checkpointing,
@@ -187,12 +184,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seq", type=int, default=2048, help="Tokens per sequence.")
     parser.add_argument("--micro-batch", type=int, default=1, help="Sequences per micro-batch.")
-    parser.add_argument(
-        "--cache-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of the cached generated weights (lrkd: float32, the projections' dtype).",
-    )
     parser.add_argument("--tiny", action="store_true", help="Tiny sizes (smoke test).")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -331,21 +322,20 @@ class Groups:
     ddp_layer: Group
 
 
-def groups(teacher: Counts, student: Counts, lrc: LrcCounts, cache_bytes: int) -> Groups:
+def groups(teacher: Counts, student: Counts, lrc: LrcCounts) -> Groups:
     """Bytes of each component under the stated assumptions.
 
     Args:
         teacher: The teacher's counts.
         student: The materialised student's counts.
         lrc: The LRC trainable counts.
-        cache_bytes: Bytes per cached generated weight element (4: fp32, as lrkd does).
 
     Returns:
         The component groups.
     """
-    largest_teacher_matrix = max(teacher.embed, teacher.head, teacher.layer_linears)
-    fp32_cast = {
-        "one teacher matrix cast to fp32 (largest: the embedding)": FP32 * largest_teacher_matrix
+    largest_projection = max(lrc.embed_projection, lrc.layer_projections // 7)
+    projection_cast = {
+        "bf16 copy of one projection while generating (largest)": BF16 * largest_projection
     }
     unit_trainable = lrc.layer_projections + lrc.layer_norms
     root_trainable = lrc.embed_projection + lrc.head_projection + lrc.final_norm
@@ -390,35 +380,27 @@ def groups(teacher: Counts, student: Counts, lrc: LrcCounts, cache_bytes: int) -
             * student.layer_linears
         },
     )
-    cache_transient = {}
-    if cache_bytes != BF16:
-        cache_transient["autocast bf16 casts of the cached weights (forward)"] = (
-            BF16 * student.matrices
-        )
     cache = Group(
         "`cache_weights` on one device, extra",
         {
-            f"cached generated weights ({cache_bytes} B)": cache_bytes * student.matrices,
-            "their gradients (fp32)": FP32 * student.matrices,
+            "cached generated weights (bf16)": BF16 * student.matrices,
+            "their gradients (bf16)": BF16 * student.matrices,
         },
-        {**cache_transient, **fp32_cast},
+        projection_cast,
     )
     ddp_step = Group(
         "lrkd DDP at N ≥ 2, extra for every step",
         {
             "DDP gradient buckets (fp32)": FP32 * lrc.total,
             "generated student embedding (bf16)": BF16 * s_embed,
-            "bf16 cast of the teacher embedding/head (saved for backward)": BF16 * t_embed,
             "one layer's generated-weight gradient (bf16, backward)": BF16 * student.layer_linears,
         },
-        fp32_cast,
+        projection_cast,
     )
     ddp_layer = Group(
         "lrkd DDP at N ≥ 2, per layer held (1 with checkpointing, L without)",
         {
             "generated student layer weights (bf16)": BF16 * student.layer_linears,
-            "bf16 casts of the teacher layer's matrices (saved for backward)": BF16
-            * teacher.layer_linears,
         },
     )
     return Groups(persistent, fsdp_layer, fsdp_root, fsdp_no_ckpt, cache, ddp_step, ddp_layer)
@@ -619,12 +601,12 @@ Assumptions (computed from exact parameter counts, not measured):
   student embedding with its gradient are held for the whole step. Prefetch holds two layer
   units. Without checkpointing every layer's generated weights are saved for backward.
 - `cache_weights` (lrkd's default at N = 1): every generated weight kept for the step as a leaf
-  tensor in the projections' dtype ({cache}) with an fp32 gradient.
+  tensor in the autocast dtype (bf16) with a bf16 gradient.
 - At N >= 2 lrkd turns `cache_weights` off (DistillationModule.setup): weights are generated
-  inside autograd under bf16 autocast, which saves the generated weights (bf16) and a bf16
-  cast of each teacher matrix they come from until backward: always for the embedding, for
-  one layer at a time with per-layer checkpointing, for every layer without. Plus DDP's fp32
-  gradient buckets (gradient_as_bucket_view off).
+  inside autograd in bf16 and kept until backward (the bf16 teacher matrices they come from
+  are saved by reference): always for the embedding, for one layer at a time with per-layer
+  checkpointing, for every layer without. Plus DDP's fp32 gradient buckets
+  (gradient_as_bucket_view off).
 - Model state only: activations, logits, the KD loss's chunk temporaries, the optimizer's
   foreach temporaries, allocator fragmentation and the CUDA context are NOT included.
   Transients listed in parentheses under the components are not added to any row."""
@@ -644,8 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     teacher = count_params(t_config)
     student = count_params(student_config_for(t_config, args.student_hidden))
     lrc = lrc_counts(args.teacher_hidden, args.student_hidden, args.layers, not args.untied)
-    cache_bytes = FP32 if args.cache_dtype == "float32" else BF16
-    g = groups(teacher, student, lrc, cache_bytes)
+    g = groups(teacher, student, lrc)
     unit, name = (GIB, "GiB") if g.persistent.total >= GIB else (MIB, "MiB")
 
     print(
@@ -656,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print("\n".join(model_state_table(g, args.layers, args.world_sizes, unit, name)))
     print()
-    print(ASSUMPTIONS.format(cache=args.cache_dtype))
+    print(ASSUMPTIONS)
     print()
     print("\n".join(counts_table(teacher, student, lrc)))
     print()

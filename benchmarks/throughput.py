@@ -311,8 +311,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--matmul-precision",
         choices=("highest", "high", "medium"),
         default=None,
-        help="torch.set_float32_matmul_precision (default: leave torch's, 'highest'). lrkd "
-        "generates LRC weights in fp32 (autocast off), so 'high' (TF32) speeds that up on GPUs.",
+        help="torch.set_float32_matmul_precision (default: leave torch's, 'highest'); 'high' "
+        "(TF32) speeds up fp32 runs (--precision 32) on GPUs. Under bf16-mixed lrkd generates "
+        "LRC weights in bf16.",
     )
     parser.add_argument("--warmup", type=int, default=None, help="Untimed optimizer steps.")
     parser.add_argument("--steps", type=int, default=None, help="Timed optimizer steps.")

@@ -28,8 +28,20 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def default_precision() -> str:
+    """``trainer.precision`` when a config gives none: ``bf16-mixed`` where a CUDA GPU supports
+    bf16 (bf16 tensor-core matmuls, and the LRC weights generated in bf16), else ``32-true``
+    (Lightning's own default)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
 class LRKDCLI(LightningCLI):
-    """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``."""
+    """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``, and
+    bf16 mixed precision on a GPU that supports it (:func:`default_precision`)."""
 
 
 def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "float32") -> Path:
@@ -145,7 +157,7 @@ def main(args: ArgsType = None) -> LRKDCLI | Path:
         DistillationModule,
         LightningDataModule,
         subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision()},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

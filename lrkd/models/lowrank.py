@@ -146,11 +146,24 @@ def _get(module: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _generate(spec: _Generated) -> torch.Tensor:
+def _generation_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``device`` (bf16 weights come out of tensor
+    cores, as the layers that use them would compute), else ``default``."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
+
+
+def _generate(spec: _Generated, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The student tensor of ``spec``, in ``dtype`` (default: the autocast dtype under
+    autocast, else the projection's)."""
     if spec.kind == "copy":
         return spec.teacher()
     p = spec.projection()
-    w = spec.teacher().to(p.dtype)
+    dtype = _generation_dtype(p.device, p.dtype) if dtype is None else dtype
+    # Cast both sides here rather than leave it to autocast, so that a bf16 teacher is never
+    # copied to fp32 only to be cast back.
+    w, p = spec.teacher().to(dtype), p.to(dtype)
     if spec.kind == "in":
         return w @ p
     if spec.kind == "out":
@@ -159,7 +172,8 @@ def _generate(spec: _Generated) -> torch.Tensor:
 
 
 def _projection_grad(spec: _Generated, grad: torch.Tensor) -> torch.Tensor:
-    """d loss / d P from d loss / d (generated tensor); generation is linear in P."""
+    """d loss / d P from d loss / d (generated tensor), in ``grad``'s dtype; generation is
+    linear in P."""
     w = spec.teacher().to(grad.dtype)
     if spec.kind == "in":
         return w.t() @ grad
@@ -743,26 +757,39 @@ class LowRankClone(nn.Module):
         return (gain * scale).float()
 
     # ------------------------------------------------------------------ weights
-    def _key(self) -> tuple[Any, ...]:
-        return tuple((p.data_ptr(), p._version) for p in self.all_projections())
+    def _key(self, dtype: torch.dtype) -> tuple[Any, ...]:
+        return (dtype, *((p.data_ptr(), p._version) for p in self.all_projections()))
 
     def generated_weights(self) -> dict[str, torch.Tensor]:
-        """Generate (or return the cached) student tensors, by their exported names."""
+        """Generate (or return the cached) student tensors, by their exported names.
+
+        Under autocast (``trainer.precision: bf16-mixed``) they are generated in the autocast
+        dtype, the dtype the layers would cast them to anyway: the products run on tensor
+        cores, and cached weights and their gradients take half the memory of fp32 ones.
+        Otherwise they take the projections' dtype.
+        """
+        dtype = _generation_dtype(self.embed_projection.device, self.embed_projection.dtype)
         if not self.cache_weights:
-            return {spec.name: _generate(spec) for spec in self._all_specs()}
-        key = self._key()
+            return {spec.name: _generate(spec, dtype) for spec in self._all_specs()}
+        key = self._key(dtype)
         if self._cache is not None and key == self._cache_key:
             return self._cache
         if self._cache is not None and any(w.grad is not None for w in self._cache.values()):
+            what = (
+                "the projections changed"
+                if key[1:] != self._cache_key[1:]
+                else f"the forward's dtype changed ({self._cache_key[0]} -> {dtype})"
+            )
             raise RuntimeError(
-                "LowRankClone: the projections changed while generated-weight gradients were "
-                "pending. With cache_weights=True, call flush_weight_grads() after backward and "
-                "before optimizer.step() (the DistillationModule does this)."
+                f"LowRankClone: {what} while generated-weight gradients were pending. With "
+                "cache_weights=True, call flush_weight_grads() after backward and before "
+                "optimizer.step() (the DistillationModule does this), and run every "
+                "micro-batch of an optimizer step under the same autocast."
             )
         with torch.no_grad(), torch.autocast(self.embed_projection.device.type, enabled=False):
             cache = {}
             for spec in self._all_specs():
-                tensor = _generate(spec)
+                tensor = _generate(spec, dtype)
                 if spec.kind != "copy":
                     tensor = tensor.detach().requires_grad_(True)
                 cache[spec.name] = tensor
@@ -782,7 +809,9 @@ class LowRankClone(nn.Module):
             tensor = self._cache[spec.name]
             if spec.kind == "copy" or tensor.grad is None:
                 continue
-            grad = _projection_grad(spec, tensor.grad.float())
+            # In the cache's dtype: under bf16 autocast the uncached path's backward makes dP
+            # with bf16 matmuls too.
+            grad = _projection_grad(spec, tensor.grad)
             p = spec.projection()
             p.grad = grad.to(p.dtype) if p.grad is None else p.grad.add_(grad.to(p.dtype))
             tensor.grad = None
@@ -820,7 +849,9 @@ class LowRankClone(nn.Module):
         # Always the masked mean when there is a mask: checking for all-ones would sync the host.
         token_mask = None if attention_mask is None else attention_mask.to(torch.float32)
 
-        h_s = F.embedding(input_ids, embed_w)
+        # Under autocast the embedding is generated in bf16; the residual stream stays in the
+        # projections' dtype (fp32 under bf16-mixed), as a plain student's would.
+        h_s = F.embedding(input_ids, embed_w).to(self.embed_projection.dtype)
         s_masks = self._masks(self.config, h_s, attention_mask, position_ids)
         s_pos = teacher.model.rotary_emb(h_s, position_ids=position_ids)
         h_t = t_masks = t_pos = None

@@ -102,6 +102,21 @@ def test_print_config_prints_everything(tmp_path, tiny_teacher_dir, capsys) -> N
     assert printed["trainer"]["max_steps"] == 6
 
 
+@pytest.mark.parametrize("cuda_bf16", [False, True])
+def test_precision_defaults_to_bf16_mixed_on_a_bf16_gpu(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch, cuda_bf16
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    config = _config(tmp_path, tiny_teacher_dir)
+    for extra in ([], ["--trainer.precision", "32-true"]):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", config, *extra, "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        expected = "bf16-mixed" if cuda_bf16 and not extra else "32-true"
+        assert printed["trainer"]["precision"] == expected
+
+
 def test_help_documents_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
