@@ -1,9 +1,10 @@
-"""Peak extra CPU memory of the chunked KD loss against a naive full-softmax implementation.
+"""Peak extra memory of the chunked KD loss against a naive full-softmax implementation.
 
 Each implementation runs forward + backward in its own fresh process. The process allocates
-(and so touches) the student and teacher logits, records ``ru_maxrss`` as its baseline, runs the
-loss, and reports the growth of ``ru_maxrss``: the peak extra memory of the loss, gradient
-included.
+(and so touches) the student and teacher logits, records its memory as the baseline, runs the
+loss, and reports the growth of the peak: the peak extra memory of the loss, gradient included.
+On the CPU that is the process's resident set (``ru_maxrss``, or the kernel's reset high-water
+mark ``VmHWM``); with ``--device cuda`` it is ``torch.cuda.max_memory_allocated``.
 
 With ``--from-hidden D_S D_T`` the inputs are instead the two models' final hidden states and LM
 head weights, and the loss includes making the logits: ``naive`` and ``chunked`` multiply out
@@ -13,6 +14,8 @@ Example::
 
     python benchmarks/loss_memory.py --batch 4 --length 2048 --vocab 49152 --kind forward_kl
     python benchmarks/loss_memory.py --batch 1 --length 1024 --vocab 128256 --from-hidden 1536 3072
+    python benchmarks/loss_memory.py --batch 4 --length 2048 --vocab 128256 \
+        --from-hidden 1536 3072 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--from-hidden", type=int, nargs=2, metavar=("D_S", "D_T"), default=None,
         help="Start from hidden states of these widths and LM heads (adds the fused path).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="Where the loss runs; cuda reports torch.cuda.max_memory_allocated.",
     )  # fmt: skip
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -112,17 +119,37 @@ def run_worker(args: argparse.Namespace) -> dict[str, float]:
     if args.from_hidden is not None:
         return _run_from_hidden(args, dtype, generator)
     shape = (args.batch, args.length, args.vocab)
-    student = torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(True)
-    teacher = torch.randn(shape, generator=generator, dtype=dtype)
-    baseline = max_rss_mib()
+    device = torch.device(args.device)
+    student = torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_(True)
+    teacher = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    cuda = device.type == "cuda"
+    baseline = _cuda_baseline() if cuda else max_rss_mib()
 
     start = time.perf_counter()
     loss = logits_loss(args, student, teacher)
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed_ms = (time.perf_counter() - start) * 1e3
 
     assert student.grad is not None and student.grad.dtype == dtype
-    return {"peak_mib": max_rss_mib() - baseline, "ms": elapsed_ms, "loss": loss.item()}
+    peak = _cuda_peak_mib() if cuda else max_rss_mib()
+    return {"peak_mib": peak - baseline, "ms": elapsed_ms, "loss": loss.item()}
+
+
+def _cuda_baseline() -> float:
+    """Reset CUDA's peak counter; the memory allocated now, in MiB."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20
+
+
+def _cuda_peak_mib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _run_from_hidden(args: argparse.Namespace, dtype: Any, generator: Any) -> dict[str, float]:
@@ -133,17 +160,25 @@ def _run_from_hidden(args: argparse.Namespace, dtype: Any, generator: Any) -> di
 
     d_s, d_t = args.from_hidden
     tokens = (args.batch, args.length)
-    h_s = torch.randn(*tokens, d_s, generator=generator, dtype=dtype).requires_grad_(True)
-    w_s = torch.randn(args.vocab, d_s, generator=generator, dtype=dtype) * d_s**-0.5
-    w_s.requires_grad_(True)
-    h_t = torch.randn(*tokens, d_t, generator=generator, dtype=dtype)
-    w_t = torch.randn(args.vocab, d_t, generator=generator, dtype=dtype) * d_t**-0.5
-    targets = torch.randint(0, args.vocab, tokens, generator=generator)
-    mask = torch.ones(tokens, dtype=torch.bool)
-    # ru_maxrss cannot be reset and the setup's own peak can hide the loss's; reset the kernel's
-    # high-water mark (VmHWM) to the current RSS instead and read it after the loss.
-    Path("/proc/self/clear_refs").write_text("5")
-    baseline = _proc_status_mib("VmRSS")
+    device = torch.device(args.device)
+
+    def randn(*shape: int, scale: float = 1.0) -> Any:
+        return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(device)
+
+    h_s = randn(*tokens, d_s).requires_grad_(True)
+    w_s = randn(args.vocab, d_s, scale=d_s**-0.5).requires_grad_(True)
+    h_t = randn(*tokens, d_t)
+    w_t = randn(args.vocab, d_t, scale=d_t**-0.5)
+    targets = torch.randint(0, args.vocab, tokens, generator=generator).to(device)
+    mask = torch.ones(tokens, dtype=torch.bool, device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        baseline = _cuda_baseline()
+    else:
+        # ru_maxrss cannot be reset and the setup's own peak can hide the loss's; reset the
+        # kernel's high-water mark (VmHWM) to the current RSS instead and read it after the loss.
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline = _proc_status_mib("VmRSS")
 
     start = time.perf_counter()
     if args.worker == "fused":
@@ -153,9 +188,11 @@ def _run_from_hidden(args: argparse.Namespace, dtype: Any, generator: Any) -> di
     else:
         loss = logits_loss(args, h_s @ w_s.t(), (h_t @ w_t.t()).detach())
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed_ms = (time.perf_counter() - start) * 1e3
     assert h_s.grad is not None and w_s.grad is not None
-    peak = _proc_status_mib("VmHWM") - baseline
+    peak = (_cuda_peak_mib() if cuda else _proc_status_mib("VmHWM")) - baseline
     return {"peak_mib": peak, "ms": elapsed_ms, "loss": loss.item()}
 
 
@@ -200,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     input_mib = tokens * args.vocab * itemsize / 2**20
     print(
         f"kind={args.kind} batch={args.batch} length={args.length} vocab={args.vocab} "
-        f"dtype={args.dtype} chunk_size={args.chunk_size or 'auto'}"
+        f"dtype={args.dtype} chunk_size={args.chunk_size or 'auto'} device={args.device}"
     )
     print(f"each input (and the student gradient): {input_mib:.0f} MiB")
 
