@@ -4,6 +4,8 @@
 resolved config and ``lrkd fit --help`` every argument with its documentation.
 ``lrkd export --ckpt_path CKPT --out DIR`` writes a checkpoint's student as a plain Hugging Face
 model directory (a low-rank clone is materialised first).
+``lrkd rank --teacher NAME --num_tokens N`` prints the rank advisor's table: the student width
+r* = c * sqrt(N) suggests and the teacher's spectral tail at each width.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from lrkd.diagnostics.rank import DEFAULT_C, RankReport
 from lrkd.module import DistillationModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -136,16 +139,67 @@ def _export_main(argv: list[str]) -> Path:
     return export(**parser.parse_args(argv).as_dict())
 
 
-def main(args: ArgsType = None) -> LRKDCLI | Path:
+def rank(
+    teacher: str,
+    num_tokens: float,
+    c: float = DEFAULT_C,
+    widths: list[int] | None = None,
+    probe_tokens: int = 4096,
+) -> RankReport:
+    """Print the rank advisor's table for a teacher and a training token budget.
+
+    The suggested student width (Low-Rank Clone hidden size) is r* = c * sqrt(num_tokens),
+    rounded to a multiple of the teacher's attention heads; for each width the table gives the
+    share of the teacher's hidden-state variance (on a probe of the built-in corpus) that a
+    student of that width cannot represent. See docs/theory.md.
+
+    Args:
+        teacher: built-in name, local directory or hub id of the teacher.
+        num_tokens: the number of training tokens n (e.g. 1e8).
+        c: the constant in r* = c * sqrt(n); the theory gives only the order sqrt(n), and the
+            default 0.01 is a calibration convention, not derived.
+        widths: the widths to tabulate (e.g. [72, 144]); default: multiples of the heads at
+            about 1/8, 1/4, 3/8, 1/2, 3/4 and 1 of the teacher width. The suggested width is
+            always added.
+        probe_tokens: about how many probe tokens to measure the spectra on.
+
+    Returns:
+        The report (its table is printed).
+    """
+    import torch
+
+    from lrkd.diagnostics.rank import rank_report
+    from lrkd.models.teachers import load_teacher
+
+    model = load_teacher(teacher, dtype=torch.float32, field="--teacher")
+    report = rank_report(model, num_tokens, c=c, widths=widths, probe_tokens=probe_tokens)
+    print(report.table())
+    return report
+
+
+def _rank_main(argv: list[str]) -> RankReport:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lrkd rank",
+        description="Suggest a student width for a token budget, with the teacher's spectral "
+        "tail at each width.",
+    )
+    parser.add_function_arguments(rank)
+    return rank(**parser.parse_args(argv).as_dict())
+
+
+def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport:
     """Entry point of the ``lrkd`` console script.
 
     Args:
         args: command-line arguments (``None`` reads ``sys.argv``), e.g.
             ``["fit", "--config", "configs/quickstart.yaml"]`` or
-            ``["export", "--ckpt_path", "last.ckpt", "--out", "student/"]``.
+            ``["export", "--ckpt_path", "last.ckpt", "--out", "student/"]`` or
+            ``["rank", "--teacher", "smollm2-135m-instruct", "--num_tokens", "1e8"]``.
 
     Returns:
-        The LightningCLI, or for ``export`` the written directory.
+        The LightningCLI, for ``export`` the written directory, for ``rank`` the report.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The frozen teacher is in eval mode on purpose; Lightning warns about any such module.
@@ -153,6 +207,8 @@ def main(args: ArgsType = None) -> LRKDCLI | Path:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv and argv[0] == "export":
         return _export_main(argv[1:])
+    if isinstance(argv, list) and argv and argv[0] == "rank":
+        return _rank_main(argv[1:])
     return LRKDCLI(
         DistillationModule,
         LightningDataModule,

@@ -306,15 +306,7 @@ class DistillationModule(LightningModule):
         """
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
-        # Position i predicts token i + 1. Shifting the targets and the mask (rather than slicing
-        # the logits) keeps the logits contiguous: a sliced [B, L-1, V] view would cost a second
-        # full-size gradient buffer in backward. The last position is never a target.
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        mask[:, :-1] = batch["loss_mask"][:, 1:].to(torch.bool)
-        if attention_mask is not None:
-            mask[:, :-1] &= attention_mask[:, 1:].to(torch.bool)
-        targets = torch.zeros_like(input_ids)
-        targets[:, :-1] = input_ids[:, 1:]
+        targets, mask = next_token_targets(batch)
         clone_losses: dict[str, torch.Tensor] = {}
         if self._fused_step():  # logits never made in full: from hidden states and heads
             hidden, head, t_hidden, t_head, clone_losses = self._hidden_and_heads(
@@ -615,6 +607,25 @@ class DistillationModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token targets [B, L] of a batch and the mask [B, L] of the positions whose
+    prediction counts (the batch's ``loss_mask`` and ``attention_mask``, shifted by one).
+
+    Position i predicts token i + 1. Shifting the targets and the mask (rather than slicing the
+    logits) keeps the logits contiguous: a sliced [B, L-1, V] view would cost a second
+    full-size gradient buffer in backward. The last position is never a target.
+    """
+    input_ids = batch["input_ids"]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask[:, :-1] = batch["loss_mask"][:, 1:].to(torch.bool)
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        mask[:, :-1] &= attention_mask[:, 1:].to(torch.bool)
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return targets, mask
 
 
 def _final_norm(model: nn.Module) -> nn.Module | None:

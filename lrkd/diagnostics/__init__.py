@@ -1,0 +1,1 @@
+"""Theory instruments: the rank advisor (:mod:`lrkd.diagnostics.rank`) and diagnostics."""
