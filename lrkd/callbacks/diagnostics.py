@@ -150,25 +150,6 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module] | None:
     return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
-@contextmanager
-def _capture(modules: Sequence[nn.Module], pick: Callable[[Any], Any]) -> Iterator[list[Any]]:
-    """Inside, the outputs of ``modules`` (transformed by ``pick``) are appended to the list
-    yielded, in call order."""
-    outputs: list[Any] = []
-    handles = [
-        m.register_forward_hook(lambda _m, _args, out: outputs.append(pick(out))) for m in modules
-    ]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 # --------------------------------------------------------------------------- representation
 
 
@@ -337,20 +318,21 @@ def _hidden_states(
 ) -> tuple[list[Tensor] | None, list[Tensor] | None, Tensor, Tensor]:
     """Student and (matching) teacher hidden states per student layer, and both models'
     logits, in one pass of each model (one co-run pass for a low-rank clone)."""
+    from lrkd.diagnostics.representation import layer_outputs
     from lrkd.models.students import model_logits
 
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     student, teacher = pl_module.student, pl_module.teacher
     if pl_module.co_run:  # CloneBlock returns (student hidden, teacher hidden, clone terms)
-        with _capture(student.blocks, lambda out: (out[0], out[1])) as pairs:
+        with layer_outputs(student.blocks, lambda out: (out[0], out[1])) as pairs:
             out = student(ids, mask, with_teacher=True)
         return [p[0] for p in pairs], [p[1] for p in pairs], out.logits, out.teacher_logits
     s_layers, t_layers = _decoder_layers(student), _decoder_layers(teacher)
     if s_layers is None or t_layers is None:
         return None, None, model_logits(student, ids, mask), model_logits(teacher, ids, mask)
-    with _capture(t_layers, _first) as t_hidden:
+    with layer_outputs(t_layers) as t_hidden:
         t_logits = model_logits(teacher, ids, mask)
-    with _capture(s_layers, _first) as s_hidden:
+    with layer_outputs(s_layers) as s_hidden:
         s_logits = model_logits(student, ids, mask)
     n_s, n_t = len(s_hidden), len(t_hidden)
     matched = [t_hidden[round((j + 1) * n_t / n_s) - 1] for j in range(n_s)]

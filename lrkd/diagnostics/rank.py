@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lrkd.diagnostics.representation import layer_outputs
+
 DEFAULT_C: float = 0.01
 """The constant in r* = c * sqrt(n) (n in training tokens). The theory gives only the order
 sqrt(n), no constant: 0.01 is a calibration convention, not a derived value. It maps about 2e10
@@ -132,25 +134,11 @@ def teacher_hidden_states(
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
     keep = None if attention_mask is None else attention_mask.bool()
-    outputs: dict[int, torch.Tensor] = {}
-
-    def record(index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            h = output[0] if isinstance(output, tuple) else output
-            h = h.detach()
-            h = h.reshape(-1, h.shape[-1]) if keep is None else h[keep]
-            outputs[index] = h.float().cpu()
-
-        return hook
-
-    hooks = [layer.register_forward_hook(record(i)) for i, layer in enumerate(teacher.model.layers)]
-    try:
-        with torch.no_grad():
-            teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [outputs[i] for i in range(len(teacher.model.layers))]
+    with layer_outputs(teacher.model.layers) as outputs, torch.no_grad():
+        teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return [
+        (h.reshape(-1, h.shape[-1]) if keep is None else h[keep]).float().cpu() for h in outputs
+    ]
 
 
 @dataclass

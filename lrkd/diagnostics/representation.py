@@ -32,7 +32,12 @@ the inputs are not modified. Neither function is meant to be differentiated thro
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 import torch
+from torch import nn
 
 __all__ = ["gaussian_mutual_information", "linear_cka"]
 
@@ -166,3 +171,32 @@ def gaussian_mutual_information(
     cov = cov + torch.diag(ridge * torch.cat(scales))
     mi = 0.5 * (_logdet_pd(cov[:d1, :d1]) + _logdet_pd(cov[d1:, d1:]) - _logdet_pd(cov))
     return mi.clamp_min(0.0)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def layer_outputs(
+    modules: Sequence[nn.Module], pick: Callable[[Any], Any] = _first
+) -> Iterator[list[Any]]:
+    """Record what ``modules`` return while inside the block (forward hooks, removed on exit).
+
+    Args:
+        modules: the modules to watch, e.g. a decoder's ``model.layers``.
+        pick: maps a module's output to what is kept; the default keeps the first element of
+            a tuple (a decoder layer's hidden states) or the tensor itself.
+
+    Yields:
+        The list the picked outputs are appended to, in call order.
+    """
+    outputs: list[Any] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _args, out: outputs.append(pick(out))) for m in modules
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
