@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -43,7 +44,12 @@ class DistillationModule(LightningModule):
 
     Batches are dicts with ``input_ids`` [B, L], ``attention_mask`` [B, L], ``loss_mask`` [B, L]
     (1 where the token is a training target, i.e. its prediction from the previous position
-    counts) and optionally ``weight`` [B].
+    counts) and optionally ``weight`` [B]. When the teacher sees a different prompt over the
+    same responses (privileged context, ``data.teacher_prompt_template``), they also carry
+    ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_loss_mask`` [B, L_T]: the
+    teacher runs on its own sequence and the divergence pairs the k-th target position of each
+    row in both sequences (their target tokens must be equal; a LowRankClone, which co-runs
+    the teacher on the student's tokens, refuses them).
 
     **On-policy steps** (GKD, Agarwal et al. 2024): a share ``on_policy_fraction`` of the
     training batches is replaced by the student's own completions of the batch's prompts (the
@@ -307,19 +313,40 @@ class DistillationModule(LightningModule):
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         targets, mask = next_token_targets(batch)
+        # The teacher's own view of the same responses (a privileged prompt), if the batch has
+        # one: the divergence pairs the i-th target position of each row in both sequences.
+        teacher_batch = teacher_view(batch)
+        t_input_ids, t_attention_mask, t_targets, t_mask = input_ids, attention_mask, targets, mask
+        rows = t_rows = None
+        if teacher_batch is not None:
+            if self.co_run:
+                raise ValueError(
+                    "A teacher prompt different from the student's (teacher_input_ids, e.g. "
+                    "data.teacher_prompt_template) cannot be used with a LowRankClone student: "
+                    "its clone loss pairs teacher and student activations on the same tokens."
+                )
+            t_input_ids = teacher_batch["input_ids"]
+            t_attention_mask = teacher_batch.get("attention_mask")
+            t_targets, t_mask = next_token_targets(teacher_batch)
+            rows, t_rows = _aligned_targets(targets, mask, t_targets, t_mask)
         clone_losses: dict[str, torch.Tensor] = {}
         if self._fused_step():  # logits never made in full: from hidden states and heads
             hidden, head, t_hidden, t_head, clone_losses = self._hidden_and_heads(
-                input_ids, attention_mask
+                input_ids, attention_mask, t_input_ids, t_attention_mask
             )
             if self.shared_vocab is not None:
                 head, t_head = head[: self.shared_vocab], t_head[: self.shared_vocab]
             loss_fn = self.kd_loss
-            kd_tokens, ce_tokens = head_kd_losses(
-                hidden, head, t_hidden, t_head, targets, mask, loss_fn.kind,
-                loss_fn.temperature, beta=loss_fn.beta, skew_alpha=loss_fn.skew_alpha,
-                chunk_size=loss_fn.chunk_size,
+            fused = functools.partial(
+                head_kd_losses, kind=loss_fn.kind, temperature=loss_fn.temperature,
+                beta=loss_fn.beta, skew_alpha=loss_fn.skew_alpha, chunk_size=loss_fn.chunk_size,
             )  # fmt: skip
+            if rows is None:
+                kd_tokens, ce_tokens = fused(hidden, head, t_hidden, t_head, targets, mask)
+            else:
+                kd_sel, ce_sel = fused(hidden[rows], head, t_hidden[t_rows], t_head,
+                                       targets[rows], None)  # fmt: skip
+                kd_tokens, ce_tokens = _scatter(kd_sel, rows, mask), _scatter(ce_sel, rows, mask)
             ce = ce_tokens.sum() / mask.sum().clamp_min(1)
         else:
             if self.co_run:  # one pass, teacher and student layer by layer (a low-rank clone)
@@ -328,10 +355,14 @@ class DistillationModule(LightningModule):
                 clone_losses = out.clone_losses
             else:
                 with torch.no_grad():
-                    teacher_logits = model_logits(self.teacher, input_ids, attention_mask)
+                    teacher_logits = model_logits(self.teacher, t_input_ids, t_attention_mask)
                 student_logits = model_logits(self.student, input_ids, attention_mask)
             student_logits, teacher_logits = self._vocab_aligned(student_logits, teacher_logits)
-            kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
+            if rows is None:
+                kd_tokens = self.kd_loss(student_logits, teacher_logits, mask)
+            else:
+                kd_sel = self.kd_loss(student_logits[rows], teacher_logits[t_rows])
+                kd_tokens = _scatter(kd_sel, rows, mask)
             ce = chunked_cross_entropy(
                 student_logits, targets, mask, chunk_size=self.kd_loss.chunk_size,
                 reduction="mean",
@@ -358,8 +389,8 @@ class DistillationModule(LightningModule):
             with torch.no_grad():
                 terms["ce_teacher"] = chunked_cross_entropy(
                     teacher_logits,
-                    targets,
-                    mask,
+                    t_targets,
+                    t_mask,
                     chunk_size=self.kd_loss.chunk_size,
                     reduction="mean",
                 )
@@ -384,14 +415,19 @@ class DistillationModule(LightningModule):
         return supported and (self.fused_head or self.device.type == "cuda")
 
     def _hidden_and_heads(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        teacher_input_ids: torch.Tensor,
+        teacher_attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Final hidden states and LM head weights of student and teacher, and clone losses."""
+        """Final hidden states and LM head weights of student and teacher (on the teacher's
+        own tokens), and clone losses."""
         if self.co_run:
             out = self.student(input_ids, attention_mask, with_teacher=True, return_hidden=True)
             return out.hidden, out.head, out.teacher_hidden, out.teacher_head, out.clone_losses
         with torch.no_grad():
-            t_hidden = _final_hidden(self.teacher, input_ids, attention_mask)
+            t_hidden = _final_hidden(self.teacher, teacher_input_ids, teacher_attention_mask)
         hidden = _final_hidden(self.student, input_ids, attention_mask)
         heads = [m.get_output_embeddings().weight for m in (self.student, self.teacher)]
         return hidden, heads[0], t_hidden, heads[1], {}
@@ -494,6 +530,10 @@ class DistillationModule(LightningModule):
         )
         completions = [per_prompt[0] for per_prompt in rollouts.completion_ids]
         out = completion_batch(prompts, completions, pad)
+        teacher_batch = teacher_view(batch)
+        if teacher_batch is not None:  # the teacher scores the same completions after its prompt
+            teacher_out = completion_batch(batch_prompts(teacher_batch), completions, pad)
+            out.update({f"teacher_{key}": value for key, value in teacher_out.items()})
         for key in ("weight", "problem_index"):
             if key in batch:
                 out[key] = batch[key]
@@ -607,6 +647,46 @@ class DistillationModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def teacher_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The teacher's own ``input_ids`` / ``attention_mask`` / ``loss_mask`` of a batch whose
+    teacher sees a different prompt (``teacher_*`` keys), or ``None`` when it sees the
+    student's sequence."""
+    if "teacher_input_ids" not in batch:
+        return None
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    return {key: batch[f"teacher_{key}"] for key in keys if f"teacher_{key}" in batch}
+
+
+def _aligned_targets(
+    targets: torch.Tensor, mask: torch.Tensor, t_targets: torch.Tensor, t_mask: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The (row, position) indices of the student's and the teacher's target positions, in the
+    same order, after checking that each row predicts the same tokens in both sequences."""
+    if mask.shape[0] != t_mask.shape[0]:
+        raise ValueError(
+            f"teacher_input_ids has {t_mask.shape[0]} rows, input_ids {mask.shape[0]}."
+        )
+    rows, t_rows = mask.nonzero(as_tuple=True), t_mask.nonzero(as_tuple=True)
+    same = torch.equal(mask.sum(dim=1), t_mask.sum(dim=1)) and torch.equal(
+        targets[rows], t_targets[t_rows]
+    )
+    if not same:
+        raise ValueError(
+            "The teacher's sequence (teacher_input_ids, teacher_loss_mask) must contain the "
+            "same response tokens as the student's, after its own prompt: the targets differ."
+        )
+    return rows, t_rows
+
+
+def _scatter(
+    values: torch.Tensor, rows: tuple[torch.Tensor, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """``values`` of the selected positions ``rows`` placed in a zero tensor shaped ``like``."""
+    out = values.new_zeros(like.shape)
+    out[rows] = values
+    return out
 
 
 def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,15 +83,24 @@ _RESPONSE_SOURCES = ("auto", "dataset", "generate")
 
 class _Examples(Dataset):
     """Prompt + response examples (:func:`~lrkd.data.text.prompt_response_example`) that also
-    carry their problem's index, for the per-example weight."""
+    carry their problem's index, for the per-example weight, and with ``teacher_prompts`` the
+    teacher's view of the same response (``teacher_*`` keys)."""
 
     def __init__(
-        self, prompts: Sequence[list[int]], responses: Sequence[list[int]], seq_length: int
-    ) -> None:
-        self.examples = [
-            {**prompt_response_example(p, r, seq_length), "problem_index": torch.tensor(i)}
-            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-        ]
+        self, prompts: Sequence[list[int]], responses: Sequence[list[int]], seq_length: int,
+        teacher_prompts: Sequence[list[int]] | None = None,
+    ) -> None:  # fmt: skip
+        self.examples = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            example = prompt_response_example(prompt, response, seq_length)
+            example["problem_index"] = torch.tensor(i)
+            if teacher_prompts is not None:
+                # The response as the student sees it (cut to seq_length), after the teacher's
+                # prompt: both score exactly the same response tokens.
+                kept = response[: max(0, len(example["input_ids"]) - len(prompt))]
+                teacher = prompt_response_example(teacher_prompts[i], kept)
+                example.update({f"teacher_{k}": v for k, v in teacher.items()})
+            self.examples.append(example)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -189,6 +198,15 @@ class DistillDataModule(LightningDataModule):
             (when it has one).
         prompt_template: the prompt text, with ``{prompt}`` replaced by the problem's prompt,
             e.g. ``"Question: {prompt}\\nAnswer:"``.
+        teacher_prompt_template: a different prompt for the teacher over the same response
+            tokens (privileged context, e.g. for self-distillation): ``{prompt}`` is replaced
+            by the problem's prompt and ``{answer}`` by its reference answer, e.g. worked
+            examples followed by ``"Question: {prompt}\\nAnswer:"``, or ``"Question:
+            {prompt}\\n(The answer is {answer}.)\\nAnswer:"``. The teacher writes its
+            generated responses after this prompt and scores every response after it; the
+            student sees ``prompt_template``. Batches then carry ``teacher_input_ids``,
+            ``teacher_attention_mask`` and ``teacher_loss_mask``. ``None``: the teacher sees
+            the student's prompt.
         verifier: checks an answer: a name (``final_number``, ``exact_match``, ``boxed``) or any
             :class:`~lrkd.data.verifiers.Verifier` by ``class_path``.
         teacher_responses: where the training responses come from: ``dataset`` (each
@@ -245,6 +263,7 @@ class DistillDataModule(LightningDataModule):
         tokenizer: str | None = None,
         chat_template: bool = True,
         prompt_template: str = "{prompt}",
+        teacher_prompt_template: str | None = None,
         verifier: Verifier | str = "final_number",
         teacher_responses: str = "auto",
         teacher_max_new_tokens: int = 64,
@@ -285,6 +304,11 @@ class DistillDataModule(LightningDataModule):
                 f"data.prompt_template={prompt_template!r} must contain {{prompt}}, where the "
                 "problem's prompt goes."
             )
+        if teacher_prompt_template is not None and "{prompt}" not in teacher_prompt_template:
+            raise ValueError(
+                f"data.teacher_prompt_template={teacher_prompt_template!r} must contain "
+                "{prompt}, where the problem's prompt goes."
+            )
         positive = {"num_rollouts": num_rollouts, "batch_size": batch_size,
                     "rollout_batch_size": rollout_batch_size, "num_problems": num_problems,
                     "seq_length": seq_length}  # fmt: skip
@@ -303,6 +327,7 @@ class DistillDataModule(LightningDataModule):
         self.difficulties, self.val_fraction = list(difficulties), val_fraction
         self.tokenizer_name, self.chat_template = tokenizer, chat_template
         self.prompt_template = prompt_template
+        self.teacher_prompt_template = teacher_prompt_template
         self.teacher_responses = teacher_responses
         self.teacher_generation = {"max_new_tokens": teacher_max_new_tokens,
                                    "temperature": teacher_temperature}  # fmt: skip
@@ -327,6 +352,7 @@ class DistillDataModule(LightningDataModule):
         self.train_problems: list[Problem] = []
         self.val_problems: list[Problem] = []
         self._prompts: dict[str, list[list[int]]] = {}
+        self._teacher_prompts: dict[str, list[list[int]]] = {}
         self._datasets: dict[str, Dataset] = {}
         # The pacing state (saved in checkpoints): counts of the last estimate and the weights.
         self.correct: torch.Tensor | None = None
@@ -360,10 +386,24 @@ class DistillDataModule(LightningDataModule):
         self.train_problems, self.val_problems = train, val
         self._prompts = {"train": [self.prompt_ids(p) for p in train],
                          "val": [self.prompt_ids(p) for p in val]}  # fmt: skip
+        if self.teacher_prompt_template is not None:
+            self._teacher_prompts = {
+                split: [self.teacher_prompt_ids(p) for p in problems]
+                for split, problems in (("train", train), ("val", val))
+            }
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         """Token ids of a problem's prompt as the models see it (template, chat format)."""
         text = self.prompt_template.format(prompt=problem.prompt)
+        return prompt_token_ids(self.tokenizer, text, self.chat_template)
+
+    def teacher_prompt_ids(self, problem: Problem) -> list[int]:
+        """Token ids of a problem's prompt as the teacher sees it (``teacher_prompt_template``,
+        or the student's prompt without one)."""
+        if self.teacher_prompt_template is None:
+            return self.prompt_ids(problem)
+        text = self.teacher_prompt_template.replace("{prompt}", problem.prompt)
+        text = text.replace("{answer}", problem.answer)
         return prompt_token_ids(self.tokenizer, text, self.chat_template)
 
     def _resolve_tokenizer(self) -> Any:
@@ -406,9 +446,15 @@ class DistillDataModule(LightningDataModule):
                     )
                 self.train_problems = [problems[i] for i in keep]
                 self._prompts["train"] = [self._prompts["train"][i] for i in keep]
+                if self._teacher_prompts:
+                    self._teacher_prompts["train"] = [self._teacher_prompts["train"][i]
+                                                      for i in keep]  # fmt: skip
                 responses = [responses[i] for i in keep]
                 self._derived = None
-            self._datasets[split] = _Examples(self._prompts[split], responses, self.seq_length)
+            self._datasets[split] = _Examples(
+                self._prompts[split], responses, self.seq_length,
+                self._teacher_prompts.get(split),
+            )  # fmt: skip
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -428,8 +474,9 @@ class DistillDataModule(LightningDataModule):
                 "data.teacher_responses to auto or generate."
             )
         if missing:
+            prompts = self._teacher_prompts.get(split) or self._prompts[split]
             generated = self._generate_responses(
-                split, [problems[i] for i in missing], [self._prompts[split][i] for i in missing]
+                split, [problems[i] for i in missing], [prompts[i] for i in missing]
             )
             for i, ids in zip(missing, generated, strict=True):
                 responses[i] = ids

@@ -215,14 +215,15 @@ def prompt_response_example(
 def pad_collate(
     examples: list[dict[str, torch.Tensor]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad examples of different lengths into a batch (pad positions are masked out)."""
-    length = max(e["input_ids"].shape[0] for e in examples)
+    """Right-pad examples of different lengths into a batch (pad positions are masked out).
+    Each sequence key is padded to its own longest (a teacher's view may be longer)."""
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
         if examples[0][key].dim() == 0:
             batch[key] = torch.stack([e[key] for e in examples])
             continue
-        fill = pad_token_id if key == "input_ids" else 0
+        length = max(e[key].shape[0] for e in examples)
+        fill = pad_token_id if key.endswith("input_ids") else 0
         out = torch.full((len(examples), length), fill, dtype=examples[0][key].dtype)
         for i, e in enumerate(examples):
             out[i, : e[key].shape[0]] = e[key]

@@ -156,3 +156,19 @@ def model_logits(
             f"object with .logits); got {type(out).__name__}."
         )
     return logits
+
+
+class TeacherCopy(StudentBuilder):
+    """A trainable copy of the teacher itself, for self-distillation.
+
+    The student starts as the teacher (same architecture and weights, in fp32) and is trained
+    while the teacher stays frozen; the two only differ through what they see (e.g. the
+    teacher's privileged prompt, ``data.teacher_prompt_template``) and through training.
+    The teacher is copied after it is loaded, so with ``teacher_dtype: bfloat16`` the student
+    starts from the bf16-rounded weights.
+    """
+
+    def __call__(self, teacher: nn.Module) -> nn.Module:
+        """Return the copy (fp32, train mode, every parameter trainable)."""
+        student = copy.deepcopy(teacher).to(torch.float32)
+        return student.train().requires_grad_(True)

@@ -1,0 +1,219 @@
+"""PACED self-distillation on the built-in model: unweighted reverse KL vs hard filter vs PACED
+vs the two-stage schedule, at equal training steps and equal rollout budget.
+
+The student is a trainable copy of SmolLM2-135M-Instruct answering the built-in arithmetic
+problems zero-shot (``Question: ...\\nAnswer:``); the frozen teacher is the same model shown the
+reference answer in its prompt (``data.teacher_prompt_template``), as in
+``configs/paced/self_distill_paced.yaml``. Arms (same seed, data, steps, batch, optimizer):
+
+- ``uniform``: on-policy reverse KL on every problem, unweighted;
+- ``hard_filter``: the same, only on problems with 0 < p < 1 (weight 1);
+- ``paced``: the same, each problem weighted by w(p) = p (1 - p);
+- ``two_stage``: forward KL on the privileged teacher's greedy responses, then on-policy
+  reverse KL from ``--switch-fraction`` of the steps, PACED-weighted.
+
+Every arm estimates pass rates at the start and every ``--estimate-every`` steps with
+``--rollouts`` samples per problem (the uniform arm ignores them), so all spend the same
+rollout budget. Scored on held-out problems before and after training: greedy pass@1 and the
+mean pass rate over ``--eval-samples`` samples at temperature 1. Forgetting: the student's
+next-token loss on held-out general text (the built-in corpus), before and after.
+
+    python benchmarks/paced_self_distill.py --steps 40 --seeds 0 1 \
+        --out docs/figures/paced_self_distill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+
+from lrkd.callbacks.two_stage import TwoStageKL
+from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.text import TextDataModule
+from lrkd.losses import chunked_cross_entropy
+from lrkd.models.students import TeacherCopy, model_logits
+from lrkd.models.teachers import load_teacher, load_tokenizer
+from lrkd.module import DistillationModule, next_token_targets
+
+ARMS = ("uniform", "hard_filter", "paced", "two_stage")
+STUDENT_PROMPT = "Question: {prompt}\nAnswer:"
+TEACHER_PROMPT = "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:"
+
+
+@torch.no_grad()
+def text_loss(student: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean next-token cross-entropy of ``student`` on held-out text."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        targets, mask = next_token_targets(batch)
+        logits = model_logits(student, batch["input_ids"], batch["attention_mask"])
+        total += float(chunked_cross_entropy(logits, targets, mask, reduction="sum"))
+        count += int(mask.sum())
+    student.train(was_training)
+    return total / count
+
+
+def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> dict:
+    """Train one arm from the built-in model; held-out scores and text loss before and after."""
+    torch.manual_seed(seed)
+    on_policy = arm != "two_stage"
+    module = DistillationModule(
+        teacher, TeacherCopy(), teacher_dtype="float32",
+        divergence="reverse_kl" if on_policy else "forward_kl",
+        on_policy_fraction=1.0 if on_policy else 0.0,
+        on_policy_max_new_tokens=args.max_new_tokens, on_policy_seed=seed,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+    )  # fmt: skip
+    module.tokenizer = args.tokenizer
+    datamodule = DistillDataModule(
+        num_problems=args.problems, difficulties=args.difficulties,
+        val_fraction=args.val_fraction, chat_template=False, prompt_template=STUDENT_PROMPT,
+        teacher_prompt_template=TEACHER_PROMPT, teacher_responses="generate",
+        teacher_max_new_tokens=args.max_new_tokens,
+        weighting="uniform" if arm == "uniform" else ("hard_filter" if arm == "hard_filter"
+                                                       else "paced"),
+        num_rollouts=args.rollouts, rollout_max_new_tokens=args.max_new_tokens,
+        rollout_batch_size=48, estimate_at_start=True,
+        estimate_every_n_steps=args.estimate_every, estimate_every_n_epochs=None,
+        val_num_rollouts=args.eval_samples, batch_size=args.batch_size, seq_length=96, seed=seed,
+    )  # fmt: skip
+    callbacks = [TwoStageKL(switch_fraction=args.switch_fraction)] if arm == "two_stage" else []
+    trainer = Trainer(
+        accelerator="cpu", max_steps=args.steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=1.0, callbacks=callbacks,
+    )  # fmt: skip
+    start = time.perf_counter()
+    datamodule.trainer = trainer
+    trainer.strategy.connect(module)
+    datamodule.setup()
+    datamodule._prepare()
+    before = datamodule.evaluate(trainer)
+    loss_before = text_loss(module.student, text)
+    trainer.fit(module, datamodule=datamodule)
+    after = datamodule.evaluate(trainer)
+    loss_after = text_loss(module.student, text)
+    n_val = len(datamodule.val_problems)
+    return {
+        "arm": arm, "seed": seed, "n_val": n_val,
+        "pass@1_before": before["val/pass@1"], "pass@1_after": after["val/pass@1"],
+        "pass_rate_before": before.get("val/pass_rate"),
+        "pass_rate_after": after.get("val/pass_rate"),
+        "teacher_pass@1": datamodule.teacher_pass_at_1,
+        "text_loss_before": loss_before, "text_loss_after": loss_after,
+        "estimation_rounds": datamodule.rounds,
+        "last_mean_pass_rate": float(datamodule.correct.double().mean() / args.rollouts),
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--problems", type=int, default=160)
+    parser.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--val-fraction", type=float, default=0.3)
+    parser.add_argument("--rollouts", type=int, default=4)
+    parser.add_argument("--estimate-every", type=int, default=20)
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--switch-fraction", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--text-batches", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("docs/figures/paced_self_distill"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    teacher = load_teacher("smollm2-135m-instruct", dtype=torch.float32)
+    args.tokenizer = load_tokenizer("smollm2-135m-instruct")
+    text_data = TextDataModule(tokenizer="smollm2-135m-instruct", seq_length=128, batch_size=4,
+                               builtin_documents=400, val_fraction=0.1)  # fmt: skip
+    text_data.setup("fit")
+    val_iter = iter(text_data.val_dataloader())
+    text = [next(val_iter) for _ in range(args.text_batches)]
+
+    results = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            results.append(run_arm(arm, seed, teacher, text, args))
+            print(json.dumps(results[-1]), flush=True)
+
+    n_val = results[0]["n_val"]
+    print(f"\n{args.steps} steps x batch {args.batch_size}, K = {args.rollouts} rollouts per "
+          f"problem every {args.estimate_every} steps, {n_val} held-out problems, "
+          f"seeds {args.seeds}")  # fmt: skip
+    print(f"teacher (with the reference answer) pass@1: {results[0]['teacher_pass@1']:.3f}")
+    print("| arm | pass@1 before | pass@1 after | pass rate before | pass rate after | "
+          "text loss change | time (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for arm in args.arms:
+        rows = [r for r in results if r["arm"] == arm]
+
+        def col(key: str, rows: list[dict] = rows) -> str:
+            return _mean_spread([r[key] for r in rows])
+
+        change = _mean_spread([r["text_loss_after"] - r["text_loss_before"] for r in rows])
+        seconds = statistics.mean(r["seconds"] for r in rows)
+        print(f"| {arm} | {col('pass@1_before')} | {col('pass@1_after')} | "
+              f"{col('pass_rate_before')} | {col('pass_rate_after')} | {change} | "
+              f"{seconds:.0f} |")  # fmt: skip
+    se = math.sqrt(0.25 / n_val)
+    print(f"(± is the spread over seeds; a pass@1 on {n_val} problems has a binomial standard "
+          f"error of at most {se:.3f})")  # fmt: skip
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k != "tokenizer"}  # fmt: skip
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"config": config, "results": results}, indent=1)
+    )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k, (key, label) in enumerate((("pass@1", "held-out greedy pass@1"),
+                                      ("pass_rate", "held-out mean pass rate"))):  # fmt: skip
+        for i, arm in enumerate(args.arms):
+            rows = [r for r in results if r["arm"] == arm]
+            after = [r[f"{key}_after"] for r in rows]
+            axes[k].scatter([i] * len(after), after, color="C0", zorder=3)
+            axes[k].bar(i, statistics.mean(after), color="C0", alpha=0.4)
+        before = statistics.mean(r[f"{key}_before"] for r in results)
+        axes[k].axhline(before, color="gray", linestyle="--", label="before training")
+        axes[k].set_xticks(range(len(args.arms)))
+        axes[k].set_xticklabels(args.arms)
+        axes[k].set_ylabel(label)
+        axes[k].legend()
+    fig.suptitle(f"Self-distillation of SmolLM2-135M-Instruct, {args.steps} steps, "
+                 f"seeds {args.seeds}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
