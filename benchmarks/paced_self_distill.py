@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
+from plotting import pyplot
 
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
@@ -186,13 +187,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(
         json.dumps({"config": config, "results": results}, indent=1)
     )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for k, (key, label) in enumerate((("pass@1", "held-out greedy pass@1"),

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from plotting import pyplot
 
 from lrkd.data.text import TextDataModule
 from lrkd.diagnostics.rank import DEFAULT_C, rank_report, suggested_rank
@@ -142,13 +143,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"config": config, "tails": tails, "suggested": suggested, "best": best,
          "results": results}, indent=1))  # fmt: skip
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     widths = [r["width"] for r in results]

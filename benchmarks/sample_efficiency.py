@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from plotting import pyplot
 
 from lrkd.data.text import TextDataModule
 from lrkd.losses import kd_divergence
@@ -179,13 +180,8 @@ def main() -> None:
         print(f"| {variant} | {cells} | {per_step:.2f} |")
     print("(s/step: wall time over the run, including the evaluations)")
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for variant, rows in results.items():

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
+from plotting import pyplot
 
 from lrkd.callbacks.diagnostics import pass_rate_bucket_snr
 from lrkd.data.datamodule import DistillDataModule
@@ -152,13 +153,8 @@ def main() -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out_json = args.out.with_suffix(".json")
     out_json.write_text(json.dumps({"config": config, "results": results}, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
