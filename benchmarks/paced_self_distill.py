@@ -2,8 +2,9 @@
 vs the two-stage schedule, at equal training steps and equal rollout budget.
 
 The student is a trainable copy of SmolLM2-135M-Instruct answering the built-in arithmetic
-problems zero-shot (``Question: ...\\nAnswer:``); the frozen teacher is the same model shown the
-reference answer in its prompt (``data.teacher_prompt_template``), as in
+problems zero-shot (``Question: ...\\nAnswer:``); the frozen teacher is the same model given
+privileged context in its prompt (``data.teacher_prompt_template``, chosen by
+``--teacher-context``): by default three worked examples and the reference answer, as in
 ``configs/paced/self_distill_paced.yaml``. Arms (same seed, data, steps, batch, optimizer):
 
 - ``uniform``: on-policy reverse KL on every problem, unweighted;
@@ -15,10 +16,11 @@ reference answer in its prompt (``data.teacher_prompt_template``), as in
 Every arm estimates pass rates at the start and every ``--estimate-every`` steps with
 ``--rollouts`` samples per problem (the uniform arm ignores them), so all spend the same
 rollout budget. Scored on held-out problems before and after training: greedy pass@1 and the
-mean pass rate over ``--eval-samples`` samples at temperature 1. Forgetting: the student's
-next-token loss on held-out general text (the built-in corpus), before and after.
+mean pass rate over ``--eval-samples`` samples at ``--temperature`` (which is also that of the
+rollouts and of the on-policy completions). Forgetting: the student's next-token loss on
+held-out general text (the built-in corpus), before and after.
 
-    python benchmarks/paced_self_distill.py --steps 40 --seeds 0 1 \
+    python benchmarks/paced_self_distill.py --steps 20 --estimate-every 10 --seeds 0 1 2 \
         --out docs/figures/paced_self_distill
 """
 
@@ -46,7 +48,30 @@ from lrkd.module import DistillationModule, next_token_targets
 
 ARMS = ("uniform", "hard_filter", "paced", "two_stage")
 STUDENT_PROMPT = "Question: {prompt}\nAnswer:"
-TEACHER_PROMPT = "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:"
+# Worked examples in the student's own answer format ("a op b = c"), each ended by SmolLM2's
+# end-of-turn token so that the teacher stops after its answer line as well.
+_EXAMPLES = (
+    ("What is 7 + 5?", "12", "7 + 5 = 12"),
+    ("Tom has 9 pens and gives 4 to a friend. How many pens does Tom have left?", "5", "9 - 4 = 5"),
+    ("What is 6 * 3?", "18", "6 * 3 = 18"),
+)
+
+
+def _worked_examples(with_answer: bool) -> str:
+    hint = "(The correct answer is {}.)\n"
+    return "".join(
+        f"Question: {q}\n{hint.format(a) if with_answer else ''}Answer: {w}<|im_end|>\n"
+        for q, a, w in _EXAMPLES
+    )
+
+
+# The teacher's privileged context (``data.teacher_prompt_template``), by --teacher-context.
+TEACHER_PROMPTS = {
+    "answer": "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:",
+    "examples": _worked_examples(False) + STUDENT_PROMPT,
+    "examples+answer": _worked_examples(True)
+    + "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:",
+}
 
 
 @torch.no_grad()
@@ -72,18 +97,20 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
         teacher, TeacherCopy(), teacher_dtype="float32",
         divergence="reverse_kl" if on_policy else "forward_kl",
         on_policy_fraction=1.0 if on_policy else 0.0,
-        on_policy_max_new_tokens=args.max_new_tokens, on_policy_seed=seed,
+        on_policy_max_new_tokens=args.max_new_tokens, on_policy_temperature=args.temperature,
+        on_policy_seed=seed,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )  # fmt: skip
     module.tokenizer = args.tokenizer
     datamodule = DistillDataModule(
         num_problems=args.problems, difficulties=args.difficulties,
         val_fraction=args.val_fraction, chat_template=False, prompt_template=STUDENT_PROMPT,
-        teacher_prompt_template=TEACHER_PROMPT, teacher_responses="generate",
+        teacher_prompt_template=TEACHER_PROMPTS[args.teacher_context], teacher_responses="generate",
         teacher_max_new_tokens=args.max_new_tokens,
         weighting="uniform" if arm == "uniform" else ("hard_filter" if arm == "hard_filter"
                                                        else "paced"),
-        num_rollouts=args.rollouts, rollout_max_new_tokens=args.max_new_tokens,
+        num_rollouts=args.rollouts, rollout_temperature=args.temperature,
+        rollout_max_new_tokens=args.max_new_tokens,
         rollout_batch_size=48, estimate_at_start=True,
         estimate_every_n_steps=args.estimate_every, estimate_every_n_epochs=None,
         val_num_rollouts=args.eval_samples, batch_size=args.batch_size, seq_length=96, seed=seed,
@@ -118,10 +145,11 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
     }  # fmt: skip
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], sign: bool = False) -> str:
+    fmt = "+.3f" if sign else ".3f"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
@@ -137,11 +165,30 @@ def main() -> None:
     parser.add_argument("--estimate-every", type=int, default=20)
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="of the on-policy completions, the rollouts and the eval samples",
+    )
+    parser.add_argument(
+        "--teacher-context", choices=sorted(TEACHER_PROMPTS), default="examples+answer"
+    )
     parser.add_argument("--switch-fraction", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--text-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("docs/figures/paced_self_distill"))
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="print the table and plot of a saved JSON (no training)",
+    )
     args = parser.parse_args()
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        report(saved["config"], saved["results"], args.report)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     teacher = load_teacher("smollm2-135m-instruct", dtype=torch.float32)
@@ -158,57 +205,66 @@ def main() -> None:
             results.append(run_arm(arm, seed, teacher, text, args))
             print(json.dumps(results[-1]), flush=True)
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("tokenizer", "report")}  # fmt: skip
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"config": config, "results": results}, indent=1)
+    )
+    report(config, results, args.out)
+
+
+def report(config: dict, results: list[dict], out: Path) -> None:
+    """Print the results table (mean ± spread over seeds) and plot the changes to ``out``.png."""
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
+    seeds = sorted({r["seed"] for r in results})
     n_val = results[0]["n_val"]
-    print(f"\n{args.steps} steps x batch {args.batch_size}, K = {args.rollouts} rollouts per "
-          f"problem every {args.estimate_every} steps, {n_val} held-out problems, "
-          f"seeds {args.seeds}")  # fmt: skip
-    print(f"teacher (with the reference answer) pass@1: {results[0]['teacher_pass@1']:.3f}")
-    print("| arm | pass@1 before | pass@1 after | pass rate before | pass rate after | "
-          "text loss change | time (s) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for arm in args.arms:
+    print(f"\n{config['steps']} steps x batch {config['batch_size']}, K = {config['rollouts']} "
+          f"rollouts per problem every {config['estimate_every']} steps, {n_val} held-out "
+          f"problems, seeds {seeds}")  # fmt: skip
+    print(f"teacher context {config.get('teacher_context')!r}, temperature "
+          f"{config.get('temperature')}, lr {config['lr']}; teacher pass@1 with its context: "
+          f"{statistics.mean(r['teacher_pass@1'] for r in results):.3f}")  # fmt: skip
+    print("| arm | pass@1 before | pass@1 after | pass@1 change | pass rate before | "
+          "pass rate after | pass rate change | text loss change | time (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arm in arms:
         rows = [r for r in results if r["arm"] == arm]
 
         def col(key: str, rows: list[dict] = rows) -> str:
             return _mean_spread([r[key] for r in rows])
 
-        change = _mean_spread([r["text_loss_after"] - r["text_loss_before"] for r in rows])
-        seconds = statistics.mean(r["seconds"] for r in rows)
-        print(f"| {arm} | {col('pass@1_before')} | {col('pass@1_after')} | "
-              f"{col('pass_rate_before')} | {col('pass_rate_after')} | {change} | "
-              f"{seconds:.0f} |")  # fmt: skip
-    se = math.sqrt(0.25 / n_val)
-    print(f"(± is the spread over seeds; a pass@1 on {n_val} problems has a binomial standard "
-          f"error of at most {se:.3f})")  # fmt: skip
+        def change(key: str, rows: list[dict] = rows) -> str:
+            return _mean_spread([r[f"{key}_after"] - r[f"{key}_before"] for r in rows], sign=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k != "tokenizer"}  # fmt: skip
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"config": config, "results": results}, indent=1)
-    )
+        seconds = statistics.mean(r["seconds"] for r in rows)
+        print(f"| {arm} | {col('pass@1_before')} | {col('pass@1_after')} | {change('pass@1')} | "
+              f"{col('pass_rate_before')} | {col('pass_rate_after')} | {change('pass_rate')} | "
+              f"{change('text_loss')} | {seconds:.0f} |")  # fmt: skip
+    se = math.sqrt(0.25 / n_val)
+    print(f"(± is the standard deviation over seeds, each seed with its own split of the "
+          f"problems; a pass@1 on {n_val} problems has a binomial standard error of at most "
+          f"{se:.3f})")  # fmt: skip
+
     plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k, (key, label) in enumerate((("pass@1", "held-out greedy pass@1"),
-                                      ("pass_rate", "held-out mean pass rate"))):  # fmt: skip
-        for i, arm in enumerate(args.arms):
-            rows = [r for r in results if r["arm"] == arm]
-            after = [r[f"{key}_after"] for r in rows]
-            axes[k].scatter([i] * len(after), after, color="C0", zorder=3)
-            axes[k].bar(i, statistics.mean(after), color="C0", alpha=0.4)
-        before = statistics.mean(r[f"{key}_before"] for r in results)
-        axes[k].axhline(before, color="gray", linestyle="--", label="before training")
-        axes[k].set_xticks(range(len(args.arms)))
-        axes[k].set_xticklabels(args.arms)
-        axes[k].set_ylabel(label)
-        axes[k].legend()
-    fig.suptitle(f"Self-distillation of SmolLM2-135M-Instruct, {args.steps} steps, "
-                 f"seeds {args.seeds}")  # fmt: skip
+    panels = (("pass@1", "held-out greedy pass@1"), ("pass_rate", "held-out mean pass rate"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for i, arm in enumerate(arms):
+            gains = [r[f"{key}_after"] - r[f"{key}_before"] for r in results if r["arm"] == arm]
+            ax.scatter([i] * len(gains), gains, color="C0", zorder=3)
+            ax.bar(i, statistics.mean(gains), color="C0", alpha=0.4)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms)
+        ax.set_ylabel(f"change in {label}")
+    fig.suptitle(f"Self-distillation of SmolLM2-135M-Instruct, {config['steps']} steps; "
+                 f"bars: mean over seeds {seeds}, points: one seed each")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
