@@ -206,7 +206,9 @@ class DistillDataModule(LightningDataModule):
             generated responses after this prompt and scores every response after it; the
             student sees ``prompt_template``. Batches then carry ``teacher_input_ids``,
             ``teacher_attention_mask`` and ``teacher_loss_mask``. ``None``: the teacher sees
-            the student's prompt.
+            the student's prompt. Special tokens written in it (``<|im_end|>`` ending each
+            worked example) become their ids. Shown only the answer, a small model tends to
+            answer with it bare, a format the student cannot copy (docs/benchmarks.md).
         verifier: checks an answer: a name (``final_number``, ``exact_match``, ``boxed``) or any
             :class:`~lrkd.data.verifiers.Verifier` by ``class_path``.
         teacher_responses: where the training responses come from: ``dataset`` (each

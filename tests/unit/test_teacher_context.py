@@ -160,7 +160,8 @@ def test_teacher_copy_starts_as_the_teacher_and_trains_alone() -> None:
 
 
 def test_datamodule_builds_teacher_views_with_the_same_responses(tmp_path, tiny_teacher_dir):
-    template = "Worked example: 1 + 1 = 2.\nQ: {prompt} (answer {answer})\nA:"
+    # The worked example ends with the EOS token's text, which must become its id.
+    template = "Worked example: 1 + 1 = 2.</s>\nQ: {prompt} (answer {answer})\nA:"
     dm = tiny_paced_datamodule(
         tiny_teacher_dir, tmp_path / "cache", teacher_prompt_template=template,
         teacher_responses="dataset", estimate_at_start=False,
@@ -171,8 +172,12 @@ def test_datamodule_builds_teacher_views_with_the_same_responses(tmp_path, tiny_
     dm._prepare()
     example = dm._datasets["train"][0]
     problem = dm.train_problems[0]
-    text = dm.tokenizer.decode(example["teacher_input_ids"][example["teacher_loss_mask"] == 0])
-    assert text == f"Worked example: 1 + 1 = 2.\nQ: {problem.prompt} (answer {problem.answer})\nA:"
+    teacher_prompt = example["teacher_input_ids"][example["teacher_loss_mask"] == 0]
+    assert (teacher_prompt == dm.tokenizer.eos_token_id).sum() == 1
+    text = dm.tokenizer.decode(teacher_prompt)
+    assert (
+        text == f"Worked example: 1 + 1 = 2.</s>\nQ: {problem.prompt} (answer {problem.answer})\nA:"
+    )
     s_response = example["input_ids"][example["loss_mask"].bool()]
     t_response = example["teacher_input_ids"][example["teacher_loss_mask"].bool()]
     assert torch.equal(s_response, t_response) and len(s_response) > 0
