@@ -65,12 +65,12 @@ def _worked_examples(with_answer: bool) -> str:
     )
 
 
+ANSWER_PROMPT = "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:"
 # The teacher's privileged context (``data.teacher_prompt_template``), by --teacher-context.
 TEACHER_PROMPTS = {
-    "answer": "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:",
+    "answer": ANSWER_PROMPT,
     "examples": _worked_examples(False) + STUDENT_PROMPT,
-    "examples+answer": _worked_examples(True)
-    + "Question: {prompt}\n(The correct answer is {answer}.)\nAnswer:",
+    "examples+answer": _worked_examples(True) + ANSWER_PROMPT,
 }
 
 
