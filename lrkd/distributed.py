@@ -25,21 +25,33 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from lrkd._compat import (
+    fsdp1_kwargs,
+    model_parallel_sizes,
+    no_split_module_names,
+    resolve_auto_data_parallel,
+)
+
 log = logging.getLogger("lrkd")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of ``model``, the natural sharding units.
 
-    Hugging Face models name their layer class in ``_no_split_modules``; otherwise the children
-    of the largest ``nn.ModuleList`` are taken.
+    Hugging Face models name their layer class (:func:`lrkd._compat.no_split_module_names`);
+    otherwise the children of the largest ``nn.ModuleList`` are taken.
     """
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    names = no_split_module_names(model)
     layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if layers:
         return layers
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
+
+
+def layer_classes(*models: nn.Module) -> set[type[nn.Module]]:
+    """The classes of the decoder layers (:func:`decoder_layers`) of ``models``: FSDP1's units."""
+    return {type(layer) for model in models for layer in decoder_layers(model)}
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -207,8 +219,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         """Resolve ``data_parallel_size: auto`` to the world size, then set up the mesh."""
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        if model_parallel_sizes(self)[0] == "auto":
+            resolve_auto_data_parallel(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
@@ -254,17 +266,20 @@ class LayerWiseFSDPStrategy(FSDPStrategy):
         kwargs.setdefault("use_orig_params", True)
         super().__init__(**kwargs)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def setup(self, trainer: Any) -> None:
+        """Refuse a Low-Rank Clone student; make every decoder layer of teacher and student a
+        unit (unless ``auto_wrap_policy`` was given); then Lightning wraps the model."""
+        model = self.lightning_module
         if hasattr(getattr(model, "student", None), "fully_shard"):
             raise ValueError(
                 "trainer.strategy: LayerWiseFSDPStrategy (FSDP1) cannot pair a LowRankClone's "
                 "teacher layers with its projections; use lrkd.distributed.FSDP2Strategy."
             )
-        if "auto_wrap_policy" not in self.kwargs:
+        kwargs = fsdp1_kwargs(self)
+        if "auto_wrap_policy" not in kwargs:
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-            classes = {type(layer) for part in (model.teacher, model.student)
-                       for layer in decoder_layers(part)}  # fmt: skip
+            classes = layer_classes(model.teacher, model.student)
             log.info("lrkd: FSDP units: %s", ", ".join(sorted(c.__name__ for c in classes)))
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
-        return super()._setup_model(model)
+            kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
+        super().setup(trainer)

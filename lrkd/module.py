@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lrkd._compat import attached_trainer, instantiated_by_cli
 from lrkd.data.rollout import (
     batch_prompts,
     check_sampling,
@@ -167,7 +168,7 @@ class DistillationModule(LightningModule):
         # Under LightningCLI the hyperparameters are the config (class paths and arguments), so
         # a checkpoint records how to rebuild the student (``lrkd export`` relies on it).
         # Built in Python, the objects themselves are not worth saving.
-        objects = [] if _under_cli() else ["student", "optimizer", "lr_scheduler"]
+        objects = [] if instantiated_by_cli() else ["student", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(
             ignore=objects + ([] if isinstance(teacher, str) else ["teacher"])
         )
@@ -252,7 +253,7 @@ class DistillationModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """The DataModule's own training-loop callbacks (pass-rate pacing), when it has any."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         callbacks = getattr(datamodule, "training_callbacks", None)
         return list(callbacks()) if callable(callbacks) else []
@@ -542,7 +543,7 @@ class DistillationModule(LightningModule):
     def _token_setting(self, name: str) -> Any:
         """``eos_token_id`` / ``pad_token_id`` from the first source that names one: the
         teacher's tokenizer, the DataModule's, the teacher's generation config, its config."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         sources = (
             self.tokenizer,
             getattr(getattr(trainer, "datamodule", None), "tokenizer", None),
@@ -596,7 +597,7 @@ class DistillationModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse fp16 mixed precision for weight-generating students (use bf16), and turn off
         their weight cache on several processes."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
         if getattr(self.student, "cache_weights", False) and precision.startswith("16"):
             raise ValueError(
@@ -619,7 +620,7 @@ class DistillationModule(LightningModule):
         """Under :class:`lrkd.distributed.FSDP2Strategy` (or Lightning's
         ``ModelParallelStrategy``), shard teacher and student with FSDP2: see
         :func:`lrkd.distributed.shard_fsdp2`. Other strategies need nothing here."""
-        mesh = self._device_mesh
+        mesh = self.device_mesh
         if mesh is None or is_sharded(self.student):
             return
         names = mesh.mesh_dim_names or ()
@@ -630,7 +631,7 @@ class DistillationModule(LightningModule):
                 "tensor_parallel_size: 1 and data_parallel_size: the number of ranks."
             )
         dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-        precision = str(getattr(self._trainer, "precision", "32-true"))
+        precision = str(getattr(attached_trainer(self), "precision", "32-true"))
         shard_fsdp2(self.teacher, self.student, dp_mesh, mixed_precision_policy(precision))
         log.info("lrkd: FSDP2 over %d ranks: this rank holds %d teacher and %d trainable "
                  "student parameters", dp_mesh.size(), local_numel(self.teacher),
@@ -764,12 +765,3 @@ def _runs_with_teacher(student: nn.Module) -> bool:
         return forward is not None and "with_teacher" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _under_cli() -> bool:
-    """Whether LightningCLI is instantiating this module from a config (Lightning >= 2.3)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older Lightning: objects are never saved
-        return False
-    return _given_hyperparameters.get() is not None

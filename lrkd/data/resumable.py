@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
+from lrkd._compat import epoch_batches_done
+
 
 class ResumableSampler(Sampler[int]):
     """An epoch of ``num_samples`` indices drawn chunk by chunk (:meth:`next_chunk`) from a
@@ -22,7 +24,7 @@ class ResumableSampler(Sampler[int]):
     The sampler keeps the epoch's draws so far and its generator state (:meth:`state_dict`; the
     DataModule saves it in the checkpoint). A restored sampler, iterated again in the same epoch,
     skips the examples already trained on: the Trainer's batches of the epoch so far
-    (``fit_loop.epoch_loop.batch_progress``, i.e. micro-batches, not optimizer steps) x the batch
+    (:func:`lrkd._compat.epoch_batches_done`, i.e. micro-batches, not optimizer steps) x the batch
     size x the number of processes, as they were when the checkpoint was written. It then
     yields the saved draws after those and goes on drawing from the saved generator state, so
     the rest of the epoch is exactly the uninterrupted run's, even where the draws depend on
@@ -124,8 +126,7 @@ class ResumableSampler(Sampler[int]):
 
     def _batches_done(self) -> int:
         """The Trainer's batches of the current epoch so far (restored when resuming)."""
-        loop = getattr(getattr(self.datamodule.trainer, "fit_loop", None), "epoch_loop", None)
-        return int(loop.batch_progress.current.ready) if loop is not None else 0
+        return epoch_batches_done(self.datamodule.trainer)
 
     def _distributed_sampler(self) -> DistributedSampler | None:
         """The DistributedSampler that deals this sampler's indices out to the ranks, if any."""

@@ -21,7 +21,6 @@ same completions as on 1 (for a model whose logits for a row do not depend on th
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrkd._compat import forward_with_kv_cache, supports_kv_cache
 from lrkd.data.text import pad_collate, prompt_response_example
 from lrkd.models.students import model_logits
 
@@ -115,14 +115,6 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix
         raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
 
 
-def _uses_kv_cache(model: nn.Module) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "past_key_values" in params and "use_cache" in params
-
-
 def _sample(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
@@ -181,15 +173,10 @@ def _generate_batch(
     step_ids, step_positions = input_ids, position_ids
     for step in range(max_new_tokens):
         if kv_cache:
-            out = model(
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=step_positions,
-                past_key_values=past,
-                use_cache=True,
+            logits, past = forward_with_kv_cache(
+                model, step_ids, attention_mask, step_positions, past
             )
-            past = out.past_key_values
-            logits = out.logits[:, -1]
+            logits = logits[:, -1]
         else:  # equal-length prompts (no padding): re-run the whole sequence
             logits = model_logits(model, input_ids, attention_mask)[:, -1]
         token = _sample(logits, uniforms[:, step], temperature, top_p)
@@ -272,7 +259,7 @@ def generate(
 
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
     rows.sort(key=lambda row: (len(prompts[row[0]]), row))
-    kv_cache = _uses_kv_cache(model)
+    kv_cache = supports_kv_cache(model)
     batches: list[list[tuple[int, int]]] = []
     for row in rows:
         if (

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -45,6 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lrkd._compat import (
+    attention_implementation,
+    call_decoder_layer,
+    causal_mask,
+    derived_config,
+    tensor_version,
+)
 from lrkd.models.students import StudentBuilder
 from lrkd.models.teachers import exclude_from_state_dict
 
@@ -219,10 +224,7 @@ def _family_check(teacher: nn.Module) -> Any:
 def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
     """The Hugging Face config of a clone: the teacher's with ``hidden_size`` and explicit
     ``head_dim`` (attention keeps the teacher's heads and head width)."""
-    config = copy.deepcopy(teacher_config)
-    for key in ("quantization_config", "_name_or_path"):
-        if hasattr(config, key):
-            delattr(config, key)
+    config = derived_config(teacher_config)
     head_dim = getattr(teacher_config, "head_dim", None) or (
         teacher_config.hidden_size // teacher_config.num_attention_heads
     )
@@ -230,21 +232,6 @@ def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
     config.hidden_size = hidden_size
     config.use_cache = True
     return config
-
-
-@functools.cache
-def _signature(fn: Any) -> tuple[frozenset[str], bool]:
-    params = inspect.signature(fn).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return frozenset(params), var_kw
-
-
-def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The ``kwargs`` that ``fn`` takes, across transformers versions: a named parameter always;
-    through ``**kwargs`` anything but ``cache_position`` (which newer versions dropped and would
-    pass on to the attention function)."""
-    names, var_kw = _signature(getattr(fn, "__func__", fn))
-    return {k: v for k, v in kwargs.items() if k in names or (var_kw and k != "cache_position")}
 
 
 def _masked_mse(
@@ -372,8 +359,10 @@ class CloneBlock(nn.Module):
         try:
             if h_t is not None:
                 with torch.no_grad():
-                    h_t = _call_layer(self.teacher_layer_ref, h_t, t_mask, t_pos, position_ids)
-            h_s = _call_layer(self.layer, h_s, s_mask, s_pos, position_ids)
+                    h_t = call_decoder_layer(
+                        self.teacher_layer_ref, h_t, t_mask, t_pos, position_ids
+                    )
+            h_s = call_decoder_layer(self.layer, h_s, s_mask, s_pos, position_ids)
         finally:
             self._taps = None
         losses = []
@@ -484,7 +473,7 @@ class LowRankClone(nn.Module):
 
         from transformers import AutoModelForCausalLM
 
-        attn = getattr(t_config, "_attn_implementation", None) or "sdpa"
+        attn = attention_implementation(t_config)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(
                 self.config, attn_implementation=attn, dtype=torch.float32
@@ -758,7 +747,7 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def _key(self, dtype: torch.dtype) -> tuple[Any, ...]:
-        return (dtype, *((p.data_ptr(), p._version) for p in self.all_projections()))
+        return (dtype, *((p.data_ptr(), tensor_version(p)) for p in self.all_projections()))
 
     def generated_weights(self) -> dict[str, torch.Tensor]:
         """Generate (or return the cached) student tensors, by their exported names.
@@ -905,26 +894,11 @@ class LowRankClone(nn.Module):
         position_ids: torch.Tensor,
     ) -> list[Any]:
         """Per-layer attention masks, made by transformers' own mask functions."""
-        from transformers import masking_utils
-
-        kwargs = {
-            "config": config,
-            "inputs_embeds": embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": None,
-            "position_ids": position_ids,
-            "cache_position": torch.arange(embeds.shape[1], device=embeds.device),
-        }
         made: dict[str, Any] = {}
 
         def mask(kind: str) -> Any:
             if kind not in made:
-                fn = (
-                    masking_utils.create_sliding_window_causal_mask
-                    if kind == "sliding_attention"
-                    else masking_utils.create_causal_mask
-                )
-                made[kind] = fn(**_filtered_kwargs(fn, kwargs))
+                made[kind] = causal_mask(kind, config, embeds, attention_mask, position_ids)
             return made[kind]
 
         layer_types = getattr(config, "layer_types", None)
@@ -992,28 +966,12 @@ class LowRankClone(nn.Module):
         return (model if into is not None else model.to(dtype)).eval()
 
 
-def _call_layer(
-    layer: nn.Module, hidden: torch.Tensor, mask: Any, position_embeddings: Any, position_ids: Any
-) -> torch.Tensor:
-    kwargs = {
-        "attention_mask": mask,
-        "position_embeddings": position_embeddings,
-        "position_ids": position_ids,
-        "past_key_values": None,
-        "use_cache": False,
-    }
-    out = layer(hidden, **_filtered_kwargs(layer.forward, kwargs))
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _probe_batch(teacher: nn.Module, texts: Sequence[str] | None, n_tokens: int) -> torch.Tensor:
     """Token ids for the activation-PCA probe: ``texts`` (or the built-in corpus), tokenised
     with the teacher's own tokenizer, packed into rows of 256 tokens."""
     from transformers import AutoTokenizer
 
-    source = getattr(teacher, "name_or_path", None) or getattr(
-        teacher.config, "_name_or_path", None
-    )
+    source = getattr(teacher, "name_or_path", None) or getattr(teacher.config, "name_or_path", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source) if source else None
     except (OSError, ValueError):

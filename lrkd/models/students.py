@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrkd._compat import derived_config
+
 
 class StudentBuilder:
     """Builds a student from the frozen teacher. Subclass it and implement ``__call__``."""
@@ -76,10 +78,7 @@ class FromTeacherConfig(StudentBuilder):
 
     def student_config(self, teacher_config: Any) -> Any:
         """Return the student's Hugging Face config derived from ``teacher_config``."""
-        config = copy.deepcopy(teacher_config)
-        for key in ("quantization_config", "_name_or_path"):
-            if hasattr(config, key):
-                delattr(config, key)
+        config = derived_config(teacher_config)
         t_hidden = teacher_config.hidden_size
         t_heads = teacher_config.num_attention_heads
         t_kv = getattr(teacher_config, "num_key_value_heads", None) or t_heads

@@ -260,13 +260,13 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from lrkd._compat import drop_provenance
+
     src = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
 
-    config_dict = src.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_model_name_or_path", None)  # GGUF general.name, meaningless downstream
-    config = type(src.config).from_dict(config_dict)
+    # Without the GGUF quantization_config and general.name (meaningless downstream).
+    config = type(src.config).from_dict(drop_provenance(src.config.to_dict()))
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(src.state_dict(), strict=True)
     model.tie_weights()

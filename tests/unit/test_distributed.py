@@ -11,12 +11,14 @@ import torch.distributed as dist
 from conftest import make_tiny_llama
 from torch import nn
 
+from lrkd._compat import fsdp1_kwargs, model_parallel_sizes
 from lrkd.distributed import (
     FSDP2Strategy,
     LayerWiseFSDPStrategy,
     decoder_layers,
     gathered_copy,
     is_sharded,
+    layer_classes,
     local_numel,
     shard_fsdp2,
 )
@@ -47,20 +49,25 @@ class _Module(nn.Module):
 
 
 def test_fsdp1_wraps_every_decoder_layer_and_refuses_a_clone(monkeypatch) -> None:
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
     captured = {}
     monkeypatch.setattr(
-        "lightning.pytorch.strategies.FSDPStrategy._setup_model",
-        lambda self, model: captured.update(self.kwargs) or model,
+        "lightning.pytorch.strategies.FSDPStrategy.setup",
+        lambda self, trainer: captured.update(fsdp1_kwargs(self)),
     )
     teacher = make_tiny_llama()
     student = FromTeacherConfig(hidden_size=32, num_hidden_layers=1)(teacher)
+    assert {c.__name__ for c in layer_classes(teacher, student)} == {"LlamaDecoderLayer"}
     strategy = LayerWiseFSDPStrategy()
-    strategy._setup_model(_Module(student, teacher))
-    policy = captured["auto_wrap_policy"]
-    assert {c.__name__ for c in policy._module_classes} == {"LlamaDecoderLayer"}
+    strategy.connect(_Module(student, teacher))
+    strategy.setup(None)
+    assert isinstance(captured["auto_wrap_policy"], ModuleWrapPolicy)
     assert captured["use_orig_params"]
+    strategy = LayerWiseFSDPStrategy()
+    strategy.connect(_Module(LowRankClone(teacher, 32), teacher))
     with pytest.raises(ValueError, match="FSDP2Strategy"):
-        strategy._setup_model(_Module(LowRankClone(teacher, 32), teacher))
+        strategy.setup(None)
 
 
 def test_shard_refuses_a_teacher_that_is_not_frozen(one_process_mesh) -> None:
@@ -71,7 +78,7 @@ def test_shard_refuses_a_teacher_that_is_not_frozen(one_process_mesh) -> None:
 
 def test_fsdp2_strategy_uses_every_rank_for_data_parallel() -> None:
     strategy = FSDP2Strategy()
-    assert strategy._tensor_parallel_size == 1 and strategy._data_parallel_size == "auto"
+    assert model_parallel_sizes(strategy) == ("auto", 1)
 
 
 @pytest.fixture()
