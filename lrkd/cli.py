@@ -6,6 +6,7 @@ resolved config and ``lrkd fit --help`` every argument with its documentation.
 model directory (a low-rank clone is materialised first).
 ``lrkd rank --teacher NAME --num_tokens N`` prints the rank advisor's table: the student width
 r* = c * sqrt(N) suggests and the teacher's spectral tail at each width.
+``lrkd env`` prints the versions and hardware a bug report needs; ``lrkd --version`` lrkd's.
 """
 
 from __future__ import annotations
@@ -189,7 +190,34 @@ def _rank_main(argv: list[str]) -> RankReport:
     return rank(**parser.parse_args(argv).as_dict())
 
 
-def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport:
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train a student (LightningCLI; --config FILE, --print_config, --help)",
+    "validate": "run the validation loop on a checkpoint (--ckpt_path)",
+    "test": "run the test loop on a checkpoint (--ckpt_path)",
+    "predict": "the student's greedy next-token predictions (--ckpt_path)",
+    "export": "write a checkpoint's student as a plain Hugging Face model (--ckpt_path, --out)",
+    "rank": "suggest a student width for a token budget (--teacher, --num_tokens)",
+    "env": "versions, CPU/GPU capabilities and lrkd's supported ranges, for bug reports",
+}
+
+
+def usage() -> str:
+    """The top-level ``lrkd --help`` text: every subcommand, one line each."""
+    from lrkd import __version__
+
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items())
+    return (
+        f"usage: lrkd [-h] [--version] {{{','.join(SUBCOMMANDS)}}} ...\n\n"
+        f"lrkd {__version__}: distil a large language model into a small one with PyTorch "
+        "Lightning\n(Low-Rank Clone students, pass-rate-paced data, forward-then-reverse KL).\n\n"
+        f"subcommands:\n{rows}\n\n"
+        "`lrkd SUBCOMMAND --help` documents every argument of a subcommand.\n"
+        "Example: lrkd fit --config configs/quickstart.yaml"
+    )
+
+
+def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
     """Entry point of the ``lrkd`` console script.
 
     Args:
@@ -199,12 +227,29 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport:
             ``["rank", "--teacher", "smollm2-135m-instruct", "--num_tokens", "1e8"]``.
 
     Returns:
-        The LightningCLI, for ``export`` the written directory, for ``rank`` the report.
+        The LightningCLI, for ``export`` the written directory, for ``rank`` the report,
+        ``None`` for ``env``, ``--version`` and ``--help``.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The frozen teacher is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and not argv:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if isinstance(argv, list) and argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    if isinstance(argv, list) and argv[0] in ("-V", "--version"):
+        from lrkd import __version__
+
+        print(f"lrkd {__version__}")
+        return None
+    if isinstance(argv, list) and argv[0] == "env":
+        from lrkd.env import report
+
+        print(report())
+        return None
     if isinstance(argv, list) and argv and argv[0] == "export":
         return _export_main(argv[1:])
     if isinstance(argv, list) and argv and argv[0] == "rank":

@@ -132,6 +132,46 @@ def test_help_documents_arguments(capsys) -> None:
         assert expected in out, expected
 
 
+def test_top_level_help_lists_every_subcommand(capsys) -> None:
+    import subprocess
+    import sys
+
+    from lrkd.cli import SUBCOMMANDS
+
+    assert main(["--help"]) is None
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "export", "rank", "env"):
+        assert f"\n  {name} " in out, name
+    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "export", "rank", "env"}
+    # The installed console script, as a user types it; no subcommand is a usage error.
+    script = [sys.executable, "-c", "from lrkd.cli import console_main; console_main()"]
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 2 and "subcommands:" in done.stderr
+
+
+def test_version_and_environment_report(capsys) -> None:
+    import importlib.metadata
+
+    import lrkd
+    from lrkd.env import declared_ranges, packages
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lrkd {lrkd.__version__}"
+    assert lrkd.__version__ == importlib.metadata.version("lrkd")
+    main(["env"])
+    out = capsys.readouterr().out
+    for name in ("torch", "transformers", "lightning", "jsonargparse"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert importlib.metadata.version(name) in line and declared_ranges()[name] in line
+    assert "cpu " in out and ("CUDA" in out)
+    by_name = {p.name: p for p in packages()}
+    assert by_name["transformers"].in_range is True  # the suite runs on a supported set
+    from lrkd.env import PackageInfo
+
+    assert PackageInfo("transformers", "4.57.0", ">=5.17,<6").in_range is False
+    assert PackageInfo("datasets", None, "").in_range is None
+
+
 def test_bad_divergence_fails_with_field_name(tmp_path, tiny_teacher_dir) -> None:
     with pytest.raises((ValueError, SystemExit)) as err:
         main(["fit", "--config", _config(tmp_path, tiny_teacher_dir, divergence="kl")])
