@@ -31,6 +31,7 @@ from lrkd._compat import (
     no_split_module_names,
     resolve_auto_data_parallel,
 )
+from lrkd.models.protocols import CoRunStudent, SelfSharding
 
 log = logging.getLogger("lrkd")
 
@@ -94,7 +95,7 @@ def shard_fsdp2(
 ) -> None:
     """Shard a frozen teacher and its student with FSDP2 over ``mesh``.
 
-    A student with its own ``fully_shard(mesh, mp_policy, reshard_after_forward)`` method (a
+    A :class:`~lrkd.models.protocols.SelfSharding` student (a
     :class:`~lrkd.models.lowrank.LowRankClone`, which shards its teacher with it, one unit per
     (teacher layer, projections, student layer) block) does it itself. Any other student, and the
     teacher, are sharded one unit per decoder layer plus a root unit. The teacher has no
@@ -109,9 +110,10 @@ def shard_fsdp2(
     if any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("shard_fsdp2: the teacher must be frozen (lrkd.models.teachers.freeze)")
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    own = getattr(student, "fully_shard", None)
-    if callable(own):
-        own(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    if isinstance(student, SelfSharding):
+        student.fully_shard(
+            mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
+        )
     else:
         # The root's backward follows its forward at once: keeping it gathered saves a gather.
         _shard_layers_and_root(student, mesh, mp_policy, reshard_after_forward, False)
@@ -270,7 +272,7 @@ class LayerWiseFSDPStrategy(FSDPStrategy):
         """Refuse a Low-Rank Clone student; make every decoder layer of teacher and student a
         unit (unless ``auto_wrap_policy`` was given); then Lightning wraps the model."""
         model = self.lightning_module
-        if hasattr(getattr(model, "student", None), "fully_shard"):
+        if isinstance(model.student, CoRunStudent):
             raise ValueError(
                 "trainer.strategy: LayerWiseFSDPStrategy (FSDP1) cannot pair a LowRankClone's "
                 "teacher layers with its projections; use lrkd.distributed.FSDP2Strategy."

@@ -23,6 +23,7 @@ from lrkd.data.rollout import (
 )
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
+from lrkd.models.protocols import ActivationCheckpointing, CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import exclude_from_state_dict, freeze, load_teacher, load_tokenizer
 
@@ -213,7 +214,7 @@ class DistillationModule(LightningModule):
         if activation_checkpointing:
             _enable_activation_checkpointing(self.student)
         self.shared_vocab = self._check_vocab(vocab_size)
-        self.co_run = _runs_with_teacher(self.student)
+        self.co_run = isinstance(self.student, CoRunStudent)
         if clone_weight and not self.co_run:
             raise ValueError(
                 f"model.clone_weight={clone_weight}, but the student "
@@ -590,22 +591,22 @@ class DistillationModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn a weight-generating student's accumulated gradients into its parameters'
         gradients (once per optimizer step, after all micro-batches)."""
-        flush = getattr(self.student, "flush_weight_grads", None)
-        if callable(flush):
-            flush()
+        if isinstance(self.student, GradFlushing):
+            self.student.flush_weight_grads()
 
     def setup(self, stage: str) -> None:
         """Refuse fp16 mixed precision for weight-generating students (use bf16), and turn off
         their weight cache on several processes."""
         trainer = attached_trainer(self)
         precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
-        if getattr(self.student, "cache_weights", False) and precision.startswith("16"):
+        caching = isinstance(self.student, GradFlushing) and self.student.cache_weights
+        if caching and precision.startswith("16"):
             raise ValueError(
                 f"trainer.precision={precision}: a student with cached generated weights "
                 "(LowRankClone) does not support fp16 loss scaling; use bf16-mixed or 32."
             )
         sharded = isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
-        if getattr(self.student, "cache_weights", False) and (trainer.world_size > 1 or sharded):
+        if caching and (trainer.world_size > 1 or sharded):
             # Cached weights turn into projection gradients after backward, where DDP's
             # gradient all-reduce never sees them, and are generated outside the forward,
             # where FSDP2 has not gathered the teacher; generated in the graph, the projections
@@ -737,9 +738,7 @@ def _final_hidden(
 
 
 def _enable_activation_checkpointing(student: nn.Module) -> None:
-    if hasattr(student, "gradient_checkpointing") and hasattr(student, "blocks"):  # LowRankClone
-        student.gradient_checkpointing = True
-    elif callable(getattr(student, "gradient_checkpointing_enable", None)):  # transformers
+    if isinstance(student, ActivationCheckpointing):
         # Non-reentrant: works with frozen inputs, FSDP2 and torch.compile.
         student.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -754,14 +753,3 @@ def _enable_activation_checkpointing(student: nn.Module) -> None:
 def _check_on_policy_fraction(fraction: float) -> None:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"model.on_policy_fraction={fraction}; it is a share in [0, 1].")
-
-
-def _runs_with_teacher(student: nn.Module) -> bool:
-    """Whether ``student`` runs alongside the teacher (``forward(..., with_teacher=True)``)."""
-    import inspect
-
-    forward = getattr(student, "forward", None)
-    try:
-        return forward is not None and "with_teacher" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from lrkd.models.protocols import GradFlushing
+
 if TYPE_CHECKING:
     from lrkd.diagnostics.snr import GradientSNR
 
@@ -324,7 +326,7 @@ def _hidden_states(
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     student, teacher = pl_module.student, pl_module.teacher
     if pl_module.co_run:  # CloneBlock returns (student hidden, teacher hidden, clone terms)
-        with layer_outputs(student.blocks, lambda out: (out[0], out[1])) as pairs:
+        with layer_outputs(student.paired_blocks(), lambda out: (out[0], out[1])) as pairs:
             out = student(ids, mask, with_teacher=True)
         return [p[0] for p in pairs], [p[1] for p in pairs], out.logits, out.teacher_logits
     s_layers, t_layers = _decoder_layers(student), _decoder_layers(teacher)
@@ -526,7 +528,7 @@ def pass_rate_bucket_snr(
 def _in_graph_weights(student: nn.Module) -> Iterator[None]:
     """Inside, a weight-caching student (LowRankClone) generates its weights in the autograd
     graph, so gradients reach its projections directly (its cache is left as it was)."""
-    cached = getattr(student, "cache_weights", None)
+    cached = isinstance(student, GradFlushing) and student.cache_weights
     if cached:
         student.cache_weights = False
     try:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lrkd.data.rollout import generation_model
 from lrkd.distributed import is_sharded
+from lrkd.models.protocols import Materializable
 
 log = logging.getLogger("lrkd")
 
@@ -38,7 +39,7 @@ def export_student(
     Raises:
         TypeError: the student is neither a Hugging Face model nor materialisable into one.
     """
-    model = student.materialize() if hasattr(student, "materialize") else student
+    model = student.materialize() if isinstance(student, Materializable) else student
     if dtype is not None and hasattr(model, "save_pretrained"):
         model = copy.deepcopy(model).to(dtype) if model is student else model.to(dtype)
     if not hasattr(model, "save_pretrained"):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
 from lrkd.data.text import pad_collate, prompt_response_example
+from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
 
 __all__ = [
@@ -90,12 +91,11 @@ def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Mod
             "Generation (pass-rate estimation, on-policy steps, teacher responses) does not run "
             "under FSDP1 (LayerWiseFSDPStrategy); use lrkd.distributed.FSDP2Strategy, or DDP."
         )
-    materialize = getattr(model, "materialize", None)
-    if callable(materialize):
+    if isinstance(model, Materializable):
         if reuse is not None:
-            return materialize(into=reuse)
+            return model.materialize(into=reuse)
         param = next(model.parameters())
-        return materialize().to(param.device)
+        return model.materialize().to(param.device)
     if is_sharded(model):
         return gathered_copy(model, into=reuse)
     return model

@@ -35,7 +35,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ from lrkd._compat import (
     derived_config,
     tensor_version,
 )
+from lrkd.models.protocols import CoRunOutput
 from lrkd.models.students import StudentBuilder
 from lrkd.models.teachers import exclude_from_state_dict
 
@@ -95,27 +96,8 @@ _TERM_PROJ = {"attn_out": "o", "ffn_out": "down"}
 _ROOT_TEACHER_PARTS: tuple[str, ...] = ("teacher_embed", "teacher_norm", "teacher_head")
 
 
-@dataclass
-class LowRankCloneOutput:
-    """What :meth:`LowRankClone.forward` returns.
-
-    Attributes:
-        logits: the student's logits [B, L, V] (None with ``return_hidden``).
-        teacher_logits: the teacher's logits [B, L, V] (no grad) when run with the teacher
-            (None with ``return_hidden``).
-        clone_losses: per clone term, the MSE summed over layers (empty without the teacher).
-        hidden, head: with ``return_hidden``, the student's final normed hidden states
-            [B, L, d_S] and its LM head weight [V, d_S] (generated, in the autograd graph).
-        teacher_hidden, teacher_head: the same for the teacher (no grad), when run with it.
-    """
-
-    logits: torch.Tensor | None
-    teacher_logits: torch.Tensor | None = None
-    clone_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    hidden: torch.Tensor | None = None
-    head: torch.Tensor | None = None
-    teacher_hidden: torch.Tensor | None = None
-    teacher_head: torch.Tensor | None = None
+#: What :meth:`LowRankClone.forward` returns (the co-run output of lrkd.models.protocols).
+LowRankCloneOutput = CoRunOutput
 
 
 @dataclass
@@ -380,6 +362,11 @@ class CloneBlock(nn.Module):
 class LowRankClone(nn.Module):
     """A student generated from a frozen teacher by trained low-rank projections (LRC).
 
+    It implements the student protocols :class:`~lrkd.models.protocols.CoRunStudent`,
+    :class:`~lrkd.models.protocols.Materializable`, :class:`~lrkd.models.protocols.SelfSharding`,
+    :class:`~lrkd.models.protocols.GradFlushing` and
+    :class:`~lrkd.models.protocols.ActivationCheckpointing`.
+
     Args:
         teacher: the frozen teacher, a transformers causal LM of a supported family
             (``llama`` incl. SmolLM2 and Llama-3.x, ``mistral``, ``qwen2``, ``qwen3``). It is
@@ -514,6 +501,18 @@ class LowRankClone(nn.Module):
     def teacher(self) -> nn.Module:
         """The frozen teacher this clone is generated from."""
         return self._teacher[0]
+
+    def paired_blocks(self) -> list[nn.Module]:
+        """The :class:`CloneBlock` of each layer: its output begins with (student hidden,
+        teacher hidden) after the layer."""
+        return list(self.blocks)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute each (teacher layer, student layer) pair in backward (non-reentrant
+        ``torch.utils.checkpoint``; ``gradient_checkpointing_kwargs`` is not used)."""
+        self.gradient_checkpointing = True
 
     @property
     def layers(self) -> list[nn.Module]:
