@@ -13,19 +13,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lrkd._compat import attached_trainer, instantiated_by_cli
-from lrkd.data.rollout import (
-    batch_prompts,
-    check_sampling,
-    completion_batch,
-    generate,
-    generation_model,
-    row_seed,
-)
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
+from lrkd.generation.on_policy import batch_prompts, completion_batch
+from lrkd.generation.sampling import check_sampling, generate, generation_model
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
 from lrkd.models.protocols import ActivationCheckpointing, CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits, output_vocab_size
 from lrkd.models.teachers import exclude_from_state_dict, freeze, load_teacher, load_tokenizer
+from lrkd.seeds import row_seed
 
 log = logging.getLogger("lrkd")
 

@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lrkd.data.rollout import generation_model
 from lrkd.distributed import is_sharded
+from lrkd.generation.sampling import generation_model
 from lrkd.models.protocols import Materializable
 
 log = logging.getLogger("lrkd")

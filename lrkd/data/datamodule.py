@@ -9,7 +9,7 @@ What it does, in order:
    ``response`` field or are generated once by the teacher (greedy by default) and cached on
    disk, keyed by the teacher's weights, the prompts and the generation settings.
 3. **Pass rates**: before training (and then every N epochs or steps) the current student
-   samples K answers per training problem (:mod:`lrkd.data.rollout`), a verifier checks them,
+   samples K answers per training problem (:mod:`lrkd.generation.sampling`), a verifier checks them,
    and ``p = correct / K``. Problems are bucketed by p and weighted by
    ``w(p) = p**alpha * (1 - p)**beta`` (:mod:`lrkd.data.pacing`, which also documents the
    normalisation and the cold-start rule). With several processes, the problems are split over
@@ -51,7 +51,6 @@ from lrkd.data.pacing import (
     bucket_labels,
     bucketize,
     check_bucket_edges,
-    count_correct,
     pacing_weights,
     pass_rates,
 )
@@ -64,7 +63,6 @@ from lrkd.data.problems import (
     split_problems,
 )
 from lrkd.data.resumable import ResumableSampler
-from lrkd.data.rollout import check_sampling, generate, generation_model, row_seed
 from lrkd.data.text import (
     pad_collate,
     prompt_response_example,
@@ -73,6 +71,9 @@ from lrkd.data.text import (
     response_token_ids,
 )
 from lrkd.data.verifiers import Verifier, get_verifier
+from lrkd.generation.pass_rates import count_correct
+from lrkd.generation.sampling import check_sampling, generate, generation_model
+from lrkd.seeds import row_seed
 
 log = logging.getLogger("lrkd")
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from lrkd._compat import epoch_batches_done
+from lrkd.seeds import row_seed
 
 
 class ResumableSampler(Sampler[int]):
@@ -82,8 +83,6 @@ class ResumableSampler(Sampler[int]):
         self._restored = dict(state_dict) if state_dict else None
 
     def __iter__(self) -> Iterator[int]:
-        from lrkd.data.rollout import row_seed  # rollout imports the text data, which uses this
-
         restored, self._restored = self._restored, None
         shard = self._distributed_sampler()
         start = 0

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from lrkd.data.rollout import batch_prompts, generation_model
+from lrkd.generation.on_policy import batch_prompts
+from lrkd.generation.sampling import generation_model
 from lrkd.models.lowrank import LowRankClone, LowRankCloneBuilder
 from lrkd.module import DistillationModule
 

@@ -12,11 +12,11 @@ from lrkd.data.pacing import (
     beta_kernel_weight,
     bucket_labels,
     bucketize,
-    count_correct,
     pacing_weights,
     pass_rates,
 )
 from lrkd.data.verifiers import FinalNumber
+from lrkd.generation.pass_rates import count_correct
 
 # ------------------------------------------------------------------------------- the weight
 

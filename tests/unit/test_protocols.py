@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM
 
 from lrkd.callbacks.export import export_student
-from lrkd.data.rollout import generation_model
+from lrkd.generation.sampling import generation_model
 from lrkd.models.lowrank import LowRankClone
 from lrkd.models.protocols import (
     ActivationCheckpointing,

@@ -1,5 +1,5 @@
-"""Batched sampling (lrkd.data.rollout): greedy parity with Hugging Face, the no-KV-cache path,
-row-wise reproducibility, the sampling distribution, EOS handling, decoding, errors.
+"""Batched sampling (lrkd.generation.sampling): greedy parity with Hugging Face, the no-KV-cache
+path, row-wise reproducibility, the sampling distribution, EOS handling, decoding, errors.
 
 References: ``transformers``' own ``generate`` on one unpadded prompt at a time, the KV-cached
 path against the re-run path, exact distributions of fake constant-logit models (binomial
@@ -19,15 +19,10 @@ import torch
 from conftest import make_tiny_llama
 from torch import nn
 
-from lrkd.data.rollout import (
-    Rollouts,
-    _sample,
-    completion_batch,
-    generate,
-    generation_model,
-    row_seed,
-)
+from lrkd.generation.on_policy import completion_batch
+from lrkd.generation.sampling import Rollouts, generate, generation_model, sample_tokens
 from lrkd.models.lowrank import LowRankClone
+from lrkd.seeds import row_seed
 
 EOS, PAD = 2, 3
 # Lengths 4, 2, 7, 11, 3, 4, 2: left padding in KV-cached batches, and pairs of equal length
@@ -367,19 +362,19 @@ def test_sample_inverse_cdf_boundaries() -> None:
     below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
     uniforms = [0.0, 0.0999, 0.1001, 0.2999, 0.3001, 0.5999, 0.6001, 0.9999, below_one]
     expected = [0, 0, 1, 1, 3, 3, 4, 4, 4]
-    got = _sample(logits.expand(len(uniforms), -1), torch.tensor(uniforms), 1.0, 1.0)
+    got = sample_tokens(logits.expand(len(uniforms), -1), torch.tensor(uniforms), 1.0, 1.0)
     assert got.tolist() == expected
 
 
 def test_sample_temperature_and_greedy() -> None:
     logits = torch.tensor([[0.2, 0.8], [0.7, 0.3]]).log()
     # T = 0.5 squares the probabilities: [0.04, 0.64] / 0.68 -> cdf[0] = 0.0588.
-    got = _sample(logits[:1].expand(2, -1), torch.tensor([0.05, 0.07]), 0.5, 1.0)
+    got = sample_tokens(logits[:1].expand(2, -1), torch.tensor([0.05, 0.07]), 0.5, 1.0)
     assert got.tolist() == [0, 1]
     # T = 0: the argmax of each row, whatever the uniforms.
     for u in (0.0, 0.5, 0.999):
-        assert _sample(logits, torch.tensor([u, u]), 0.0, 1.0).tolist() == [1, 0]
-        assert _sample(logits, torch.tensor([u, u]), 0.0, 0.3).tolist() == [1, 0]
+        assert sample_tokens(logits, torch.tensor([u, u]), 0.0, 1.0).tolist() == [1, 0]
+        assert sample_tokens(logits, torch.tensor([u, u]), 0.0, 0.3).tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("where", ["last", "first", "middle"])
@@ -390,7 +385,7 @@ def test_sample_never_picks_zero_probability_token(where: str) -> None:
     probs[index] = 0.0
     logits = probs.log()
     u = torch.tensor([0.0, 1e-7, 0.3, 0.5, 0.7, 0.9999999, 1 - 2**-23, 1 - 2**-24])
-    got = _sample(logits.expand(len(u), -1), u, 1.0, 1.0)
+    got = sample_tokens(logits.expand(len(u), -1), u, 1.0, 1.0)
     assert index not in got.tolist()
     assert got[-1].item() == (2 if where == "last" else 3)
 
@@ -401,7 +396,7 @@ def test_sample_top_p_picks_only_nucleus() -> None:
     logits = torch.tensor([0.1, 0.5, 0.05, 0.35]).log()
     below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
     u = torch.tensor([0.0, 0.58, 0.6, 0.9, below_one])
-    got = _sample(logits.expand(len(u), -1), u, 1.0, 0.8)
+    got = sample_tokens(logits.expand(len(u), -1), u, 1.0, 0.8)
     assert got.tolist() == [1, 1, 3, 3, 3]
 
 
@@ -442,9 +437,9 @@ def test_generate_never_samples_zero_probability_token(
 
 def test_sample_with_a_uniform_of_exactly_one_stays_on_the_support() -> None:
     logits = torch.tensor([[0.0, 0.5, 1.0, float("-inf")], [0.0, 3.0, 2.0, 0.1]])
-    got = _sample(logits, torch.tensor([1.0, 1.0]), 1.0, 1.0)
+    got = sample_tokens(logits, torch.tensor([1.0, 1.0]), 1.0, 1.0)
     assert got[0].item() == 2 and got[1].item() == 3
-    got = _sample(logits[1:], torch.tensor([1.0]), 1.0, 0.8)  # nucleus {1, 2}
+    got = sample_tokens(logits[1:], torch.tensor([1.0]), 1.0, 0.8)  # nucleus {1, 2}
     assert got.item() == 2
 
 

@@ -20,7 +20,6 @@ same completions as on 1 (for a model whose logits for a row do not depend on th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,19 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
-from lrkd.data.text import pad_collate, prompt_response_example
 from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
+from lrkd.seeds import row_seed
 
-__all__ = [
-    "Rollouts",
-    "batch_prompts",
-    "check_sampling",
-    "completion_batch",
-    "generate",
-    "generation_model",
-    "row_seed",
-]
+__all__ = ["Rollouts", "check_sampling", "generate", "generation_model", "sample_tokens"]
 
 
 @dataclass
@@ -59,12 +50,6 @@ class Rollouts:
     completion_ids: list[list[list[int]]]
     finished: list[list[bool]]
     texts: list[list[str]] | None = field(default=None)
-
-
-def row_seed(seed: int, key: str | int, sample: int) -> int:
-    """The generator seed of one completion: a stable hash of ``(seed, key, sample)``."""
-    digest = hashlib.blake2b(f"{seed}|{key}|{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
@@ -115,7 +100,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix
         raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
 
 
-def _sample(
+def sample_tokens(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
     """Draw one token per row by inverse-CDF sampling with the given uniforms in [0, 1)."""
@@ -179,7 +164,7 @@ def _generate_batch(
             logits = logits[:, -1]
         else:  # equal-length prompts (no padding): re-run the whole sequence
             logits = model_logits(model, input_ids, attention_mask)[:, -1]
-        token = _sample(logits, uniforms[:, step], temperature, top_p)
+        token = sample_tokens(logits, uniforms[:, step], temperature, top_p)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         new_tokens[:, step] = token
         ended = ~done & torch.isin(token, eos)
@@ -311,54 +296,3 @@ def generate(
             for per_prompt in completions
         ]
     return Rollouts(completions, finished, texts)
-
-
-def completion_batch(
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    pad_token_id: int,
-    max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """A training batch of prompt + completion rows in which only completion tokens are targets.
-
-    Rows are right-padded; ``max_length`` truncates each row.
-
-    Returns:
-        ``input_ids``, ``attention_mask`` and ``loss_mask`` [B, L] (the batch format of
-        :class:`lrkd.module.DistillationModule`).
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions")
-    examples = [
-        prompt_response_example(list(p), list(c), max_length)
-        for p, c in zip(prompts, completions, strict=True)
-    ]
-    return pad_collate(examples, pad_token_id)
-
-
-def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """The prompt of each row of a prompt+response training batch.
-
-    A row's prompt is its attended tokens before its first training target (``loss_mask``),
-    so right or left padding and the response itself are left out.
-
-    Raises:
-        ValueError: a row whose first attended token is already a target (packed text rather
-            than prompt + response data): there is nothing to prompt the model with.
-    """
-    input_ids = batch["input_ids"]
-    attended = batch.get("attention_mask", torch.ones_like(input_ids)).to(torch.bool)
-    targets = batch["loss_mask"].to(torch.bool) & attended
-    before_first_target = targets.long().cumsum(dim=-1) == 0
-    keep = (attended & before_first_target).cpu()
-    input_ids = input_ids.cpu()
-    prompts = [input_ids[row][keep[row]].tolist() for row in range(input_ids.shape[0])]
-    empty = [row for row, prompt in enumerate(prompts) if not prompt]
-    if empty:
-        raise ValueError(
-            f"batch rows {empty} have no prompt tokens (their first token is a training target). "
-            "On-policy steps sample a completion of each row's prompt, so they need "
-            "prompt + response data (loss_mask 0 on the prompt), e.g. DistillDataModule or "
-            "TextDataModule with prompt/response records, not packed text."
-        )
-    return prompts
