@@ -44,7 +44,8 @@ from lrkd.data.text import TextDataModule
 from lrkd.losses import chunked_cross_entropy
 from lrkd.models.students import TeacherCopy, model_logits
 from lrkd.models.teachers import load_teacher, load_tokenizer
-from lrkd.module import DistillationModule, next_token_targets
+from lrkd.module import DistillationModule
+from lrkd.objective import next_token_targets
 
 ARMS = ("uniform", "hard_filter", "paced", "two_stage")
 STUDENT_PROMPT = "Question: {prompt}\nAnswer:"

@@ -33,7 +33,8 @@ from lrkd.diagnostics.rank import DEFAULT_C, rank_report, suggested_rank
 from lrkd.losses import kd_divergence
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher
-from lrkd.module import DistillationModule, next_token_targets
+from lrkd.module import DistillationModule
+from lrkd.objective import next_token_targets
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from plotting import pyplot
 from lrkd.data.text import TextDataModule
 from lrkd.losses import kd_divergence
 from lrkd.models.lowrank import LowRankCloneBuilder
+from lrkd.models.protocols import CoRunStudent
 from lrkd.models.students import FromTeacherConfig, model_logits
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
@@ -75,7 +76,7 @@ def evaluate(module: DistillationModule, batches: list[dict[str, torch.Tensor]])
         ids, mask = batch["input_ids"], batch["attention_mask"]
         targets = ids[:, 1:]
         valid = mask[:, 1:].bool()
-        if module.co_run:
+        if isinstance(module.student, CoRunStudent):
             out = module.student(ids, mask, with_teacher=True)
             s_logits, t_logits = out.logits, out.teacher_logits
         else:

@@ -47,7 +47,8 @@ from lrkd.losses import chunked_cross_entropy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import model_logits
 from lrkd.models.teachers import load_teacher, load_tokenizer
-from lrkd.module import DistillationModule, next_token_targets
+from lrkd.module import DistillationModule
+from lrkd.objective import next_token_targets
 
 SETUPS = ("lrc", "self")
 

@@ -16,17 +16,23 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from lrkd.models.protocols import GradFlushing
-
-if TYPE_CHECKING:
-    from lrkd.diagnostics.snr import GradientSNR
+from lrkd.data.pacing import bucket_labels, bucketize
+from lrkd.data.text import pad_collate
+from lrkd.diagnostics.rank import spectral_tail
+from lrkd.diagnostics.representation import gaussian_mutual_information, layer_outputs, linear_cka
+from lrkd.diagnostics.snr import GradientSNR, SNRAccumulator
+from lrkd.distributed import is_sharded
+from lrkd.losses import kd_divergence
+from lrkd.models.protocols import CoRunStudent, GradFlushing
+from lrkd.models.students import model_logits
+from lrkd.objective import next_token_targets
 
 log = logging.getLogger("lrkd")
 
@@ -242,7 +248,6 @@ class RepresentationDiagnostics(Callback):
                 batches.append(batch)
             if not batches:
                 raise ValueError("RepresentationDiagnostics: the DataModule gave no batch.")
-            from lrkd.data.text import pad_collate
 
             rows = [{k: v[r] for k, v in b.items() if k != "weight"} for b in batches
                     for r in range(b["input_ids"].shape[0])]  # fmt: skip
@@ -257,9 +262,6 @@ class RepresentationDiagnostics(Callback):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Compute and log the diagnostics now; returns the scalars."""
-        from lrkd.diagnostics.representation import gaussian_mutual_information, linear_cka
-        from lrkd.losses import kd_divergence
-        from lrkd.module import next_token_targets
 
         start = time.perf_counter()
         self._last_step = trainer.global_step
@@ -271,7 +273,7 @@ class RepresentationDiagnostics(Callback):
         finally:
             pl_module.train(was_training)
         _, target_mask = next_token_targets(batch)
-        s_logits, t_logits = pl_module._vocab_aligned(s_logits, t_logits)
+        s_logits, t_logits = pl_module.objective.vocab_aligned(s_logits, t_logits)
         kl = kd_divergence(s_logits, t_logits, "forward_kl", mask=target_mask, reduction="mean")
         scalars = {"diagnostics/heldout_kl": float(kl)}
         images = {}
@@ -304,7 +306,6 @@ class RepresentationDiagnostics(Callback):
     @staticmethod
     def _rank_bottleneck(pl_module: LightningModule, teacher_h: Sequence[Tensor],
                          real: Tensor) -> list[float]:  # fmt: skip
-        from lrkd.diagnostics.rank import spectral_tail
 
         width = _student_width(pl_module.student)
         return [float(spectral_tail(t[real].double(), [width])[0]) for t in teacher_h]
@@ -320,12 +321,11 @@ def _hidden_states(
 ) -> tuple[list[Tensor] | None, list[Tensor] | None, Tensor, Tensor]:
     """Student and (matching) teacher hidden states per student layer, and both models'
     logits, in one pass of each model (one co-run pass for a low-rank clone)."""
-    from lrkd.diagnostics.representation import layer_outputs
-    from lrkd.models.students import model_logits
 
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     student, teacher = pl_module.student, pl_module.teacher
-    if pl_module.co_run:  # CloneBlock returns (student hidden, teacher hidden, clone terms)
+    # A CloneBlock returns (student hidden, teacher hidden, clone terms).
+    if isinstance(student, CoRunStudent):
         with layer_outputs(student.paired_blocks(), lambda out: (out[0], out[1])) as pairs:
             out = student(ids, mask, with_teacher=True)
         return [p[0] for p in pairs], [p[1] for p in pairs], out.logits, out.teacher_logits
@@ -364,7 +364,6 @@ def bucket_gradient_snr(
     Returns:
         :class:`lrkd.diagnostics.snr.GradientSNR` per group label.
     """
-    from lrkd.diagnostics.snr import SNRAccumulator
 
     params = list(params)
     results = {}
@@ -424,7 +423,6 @@ class GradientSNRByPassRate(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse a sharded student and a DataModule without pass rates."""
-        from lrkd.distributed import is_sharded
 
         if is_sharded(pl_module.student):
             raise ValueError(
@@ -450,7 +448,6 @@ class GradientSNRByPassRate(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GradientSNR]:
         """Measure and log now; returns the result per bucket label."""
-        from lrkd.data.pacing import bucket_labels
 
         self._last_step = trainer.global_step
         dm = trainer.datamodule
@@ -503,8 +500,6 @@ def pass_rate_bucket_snr(
         :class:`lrkd.diagnostics.snr.GradientSNR` per bucket label (buckets with fewer than two
         problems left out).
     """
-    from lrkd.data.pacing import bucket_labels, bucketize
-    from lrkd.data.text import pad_collate
 
     p = datamodule.correct.double() / datamodule.num_rollouts
     buckets = bucketize(p, datamodule.bucket_edges)

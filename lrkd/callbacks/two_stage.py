@@ -4,10 +4,12 @@ PACED's strongest schedule (arXiv 2603.11178) is forward KL on the teacher's res
 (mode coverage), then reverse KL on the student's own rollouts (consolidation). The switch
 point is not published, so it is a setting here: an optimizer step or a fraction of training.
 
-The callback drives a :class:`lrkd.module.DistillationModule` through three knobs: its
-divergence (``set_divergence``), the divergence temperature, and the share of on-policy
-batches (``set_on_policy_fraction``); at the switch it can also scale the learning rate. The
-on-policy step itself (sampling, masking, scoring) is the module's.
+The callback drives a module with an ``objective`` (:class:`lrkd.objective.DistillationObjective`:
+the divergence and its temperature, ``set_divergence``) and an ``on_policy`` sampler
+(:class:`lrkd.generation.on_policy.OnPolicySampler`: the share of on-policy batches,
+``set_fraction``), as :class:`lrkd.module.DistillationModule` has; at the switch it can also
+scale the learning rate. The on-policy step itself (sampling, masking, scoring) is the
+sampler's.
 
 The stage is a function of the global step alone: steps ``0 .. switch_step - 1`` are stage 1,
 ``switch_step`` onwards stage 2, and all micro-batches of one optimizer step are in the same
@@ -20,16 +22,26 @@ stage 2: the optimizer and scheduler states restored from the checkpoint already
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lrkd.generation.on_policy import OnPolicySampler
 from lrkd.losses import DIVERGENCE_KINDS, DivergenceKind
+from lrkd.objective import DistillationObjective
 
 log = logging.getLogger("lrkd")
 
-__all__ = ["TwoStageKL"]
+__all__ = ["StagedModule", "TwoStageKL"]
+
+
+@runtime_checkable
+class StagedModule(Protocol):
+    """What TwoStageKL drives: a LightningModule with these two members."""
+
+    objective: DistillationObjective
+    on_policy: OnPolicySampler
 
 
 class TwoStageKL(Callback):
@@ -123,12 +135,11 @@ class TwoStageKL(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for method in ("set_divergence", "set_on_policy_fraction"):
-            if not callable(getattr(pl_module, method, None)):
-                raise TypeError(
-                    f"TwoStageKL drives a module with a {method}() method (e.g. "
-                    f"lrkd.module.DistillationModule), not {type(pl_module).__name__}."
-                )
+        if not isinstance(pl_module, StagedModule):
+            raise TypeError(
+                "TwoStageKL drives a module with an objective and an on_policy sampler (e.g. "
+                f"lrkd.module.DistillationModule), not {type(pl_module).__name__}."
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.switch_step is None:
@@ -157,16 +168,16 @@ class TwoStageKL(Callback):
     def _enter(self, trainer: Trainer, pl_module: LightningModule, stage: int) -> None:
         """Apply a stage's settings. Called at every start (fresh or resumed) and at the switch;
         the learning rate changes only when stage 2 is entered from an earlier stage."""
-        pl_module.set_divergence(
+        pl_module.objective.set_divergence(
             self.divergence[stage], self.second_temperature if stage == 2 else None
         )
-        pl_module.set_on_policy_fraction(self.on_policy_fraction[stage])
+        pl_module.on_policy.set_fraction(self.on_policy_fraction[stage])
         if self.stage == stage:  # resumed in the stage it was saved in: nothing new to do
             return
         if stage == 2 and self.second_lr_scale != 1.0:
             _scale_learning_rate(trainer, self.second_lr_scale)
         self.stage = stage
-        temperature = pl_module.kd_loss.temperature
+        temperature = pl_module.objective.divergence.temperature
         note = (
             f"stage {stage} from step {trainer.global_step}: divergence {self.divergence[stage]} "
             f"at temperature {temperature:g}, on-policy fraction {self.on_policy_fraction[stage]:g}"

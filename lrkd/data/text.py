@@ -372,3 +372,13 @@ class TextDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """The validation split, used for ``lrkd test``."""
         return self.val_dataloader()
+
+
+def teacher_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The teacher's own ``input_ids`` / ``attention_mask`` / ``loss_mask`` of a batch whose
+    teacher sees a different prompt (``teacher_*`` keys), or ``None`` when it sees the
+    student's sequence."""
+    if "teacher_input_ids" not in batch:
+        return None
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    return {key: batch[f"teacher_{key}"] for key in keys if f"teacher_{key}" in batch}

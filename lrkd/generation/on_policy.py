@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
-from lrkd.data.text import pad_collate, prompt_response_example
+from lrkd.data.text import pad_collate, prompt_response_example, teacher_view
+from lrkd.generation.sampling import check_sampling, generate, generation_model
+from lrkd.seeds import row_seed
 
-__all__ = ["batch_prompts", "completion_batch"]
+__all__ = [
+    "OnPolicySampler",
+    "batch_prompts",
+    "check_on_policy_fraction",
+    "completion_batch",
+    "response_stats",
+]
 
 
 def completion_batch(
@@ -60,3 +69,158 @@ def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
             "TextDataModule with prompt/response records, not packed text."
         )
     return prompts
+
+
+def check_on_policy_fraction(fraction: float) -> None:
+    """Raise unless ``fraction`` is a share in [0, 1]."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"model.on_policy_fraction={fraction}; it is a share in [0, 1].")
+
+
+def response_stats(
+    batch: dict[str, torch.Tensor], eos_ids: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Mean target tokens per row, and the share of rows whose targets do not end with EOS (cut
+    at the length limit), of a batch trained on (data or the student's rollouts)."""
+    targets = batch["loss_mask"].to(torch.bool)
+    if "attention_mask" in batch:
+        targets &= batch["attention_mask"].to(torch.bool)
+    positions = torch.arange(targets.shape[1], device=targets.device)
+    last = torch.where(targets, positions, -1).amax(dim=-1)
+    last_token = batch["input_ids"].gather(1, last.clamp_min(0)[:, None]).squeeze(1)
+    eos = torch.tensor(list(eos_ids), device=last_token.device)
+    ended = torch.isin(last_token, eos) & (last >= 0)
+    return {
+        "train/response_tokens": targets.sum(dim=-1).float().mean(),
+        "train/response_truncated": (~ended).float().mean(),
+    }
+
+
+class OnPolicySampler:
+    """Which training batches are on-policy, and the student's completions that replace their
+    responses (GKD, Agarwal et al. 2024).
+
+    The student samples one completion per prompt (the tokens before each row's first target)
+    without gradients; the batch becomes prompt + completion with only the completion tokens
+    (and the EOS the student wrote) as targets. A teacher view (``teacher_*`` keys) gets the same
+    completions after its own prompt. The batch's ``weight`` and ``problem_index`` are kept.
+
+    Args:
+        fraction: share of training batches that are on-policy: 0 never, 1 always; in between,
+            a draw that depends only on ``seed``, the step and the batch index (the same on
+            every rank and after resuming).
+        max_new_tokens: the longest completion.
+        temperature: sampling temperature (0 is greedy; 1 samples the student's distribution,
+            which on-policy reverse KL assumes).
+        top_p: nucleus sampling threshold (1 disables it).
+        seed: seed of the sampling and of the choice of on-policy batches.
+        eos_token_ids: the token ids that end a completion (``None``: on-policy steps fail with
+            a message naming ``model.eos_token_id``).
+        pad_token_id: the padding id (``None``: the first EOS id).
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.0,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_token_ids: Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        check_on_policy_fraction(fraction)
+        check_sampling(max_new_tokens, temperature, top_p, "model.on_policy_")
+        self.fraction = fraction
+        self.ever_enabled = fraction > 0
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self._eos = None if eos_token_ids is None else list(eos_token_ids)
+        self._pad = pad_token_id
+        self._rollout_model: nn.Module | None = None
+
+    def set_tokens(
+        self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
+    ) -> None:
+        """Set the id(s) that end a completion and the padding id (``None``: unknown)."""
+        if eos_token_id is not None:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            self._eos = [int(i) for i in ids]
+        if pad_token_id is not None:
+            self._pad = int(pad_token_id)
+
+    def set_fraction(self, fraction: float) -> None:
+        """Set the share of on-policy training batches from the next batch on."""
+        check_on_policy_fraction(fraction)
+        self.fraction = fraction
+        self.ever_enabled |= fraction > 0
+
+    @property
+    def rollout_model(self) -> nn.Module | None:
+        """The plain model that the last on-policy step sampled from, when the student had to
+        be materialised or gathered for it (refilled in place on the next step)."""
+        return self._rollout_model
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a completion."""
+        if self._eos is None:
+            raise ValueError(
+                "On-policy steps need an end-of-sequence token: set model.eos_token_id (no "
+                "tokenizer or teacher config names one)."
+            )
+        return self._eos
+
+    @property
+    def pad_token_id(self) -> int:
+        """The padding id of completion batches."""
+        return self.eos_token_ids[0] if self._pad is None else self._pad
+
+    def is_on_policy(self, step: int, batch_idx: int) -> bool:
+        """Whether training batch ``batch_idx`` of optimizer step ``step`` is on-policy."""
+        if self.fraction <= 0.0:
+            return False
+        if self.fraction >= 1.0:
+            return True
+        draw = row_seed(self.seed, f"on_policy@{step}", batch_idx) / 2.0**63
+        return draw < self.fraction
+
+    def batch(
+        self,
+        student: nn.Module,
+        batch: dict[str, torch.Tensor],
+        step: int,
+        batch_idx: int = 0,
+        rank: int = 0,
+        device: torch.device | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The batch with its responses replaced by ``student``'s completions, on ``device``
+        (``None``: the batch's)."""
+        prompts = batch_prompts(batch)
+        eos_ids, pad = self.eos_token_ids, self.pad_token_id
+        if "problem_index" in batch:
+            keys: list[str | int] = batch["problem_index"].tolist()
+        else:
+            keys = [f"{rank}.{row}" for row in range(len(prompts))]
+        model = generation_model(student, reuse=self._rollout_model)
+        if model is not student:
+            self._rollout_model = model  # a plain copy, refilled in place on later steps
+        rollouts = generate(
+            model, prompts, num_samples=1, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, eos_token_id=eos_ids,
+            pad_token_id=pad, batch_size=len(prompts),
+            seed=row_seed(self.seed, f"rollout@{step}", batch_idx), keys=keys,
+        )  # fmt: skip
+        completions = [per_prompt[0] for per_prompt in rollouts.completion_ids]
+        out = completion_batch(prompts, completions, pad)
+        view = teacher_view(batch)
+        if view is not None:  # the teacher scores the same completions after its own prompt
+            teacher_out = completion_batch(batch_prompts(view), completions, pad)
+            out.update({f"teacher_{key}": value for key, value in teacher_out.items()})
+        for key in ("weight", "problem_index"):
+            if key in batch:
+                out[key] = batch[key]
+        device = batch["input_ids"].device if device is None else device
+        return {key: value.to(device) for key, value in out.items()}

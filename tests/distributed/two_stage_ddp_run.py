@@ -41,7 +41,7 @@ class Record(Callback):
         self.steps.append({
             "step": trainer.global_step - 1,
             "stage": trainer.callback_metrics["train/stage"].item(),
-            "divergence": pl_module.kd_loss.kind,
+            "divergence": pl_module.objective.divergence.kind,
             "on_policy": trainer.callback_metrics["train/on_policy"].item()
             if "train/on_policy" in trainer.callback_metrics else 0.0,
             "weighted": "weight" in batch,

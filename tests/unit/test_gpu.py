@@ -106,7 +106,7 @@ def test_fused_head_step_on_cuda_in_bf16_matches_the_logits_step() -> None:
             fused_head=fused,
         ).cuda()  # fmt: skip
         module.train()
-        assert module._fused_step() is (fused is None)
+        assert module.uses_fused_head() is (fused is None)
         torch.manual_seed(0)
         ids = torch.randint(4, 100, (2, 24)).cuda()
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),

@@ -158,7 +158,7 @@ def test_padded_vocab_uses_shared_rows(caplog) -> None:
     student = make_tiny_llama(seed=1, vocab_size=TINY_VOCAB + 16)
     with caplog.at_level(logging.WARNING, logger="lrkd"):
         module = _module(student=student, vocab_size=101)
-    assert module.shared_vocab == TINY_VOCAB
+    assert module.objective.shared_vocab == TINY_VOCAB
     assert "padding" in caplog.text
     terms = module.distillation_loss(_batch())
     assert torch.isfinite(terms["loss"])
@@ -230,7 +230,7 @@ def test_fused_head_step_equals_the_logits_step(kind: str, divergence: str) -> N
         terms = module.distillation_loss(_batch(5))
         terms["loss"].backward()
         module.on_before_optimizer_step(None)
-        assert module._fused_step() is fused
+        assert module.uses_fused_head() is fused
         grads = {n: p.grad for n, p in module.student.named_parameters() if p.requires_grad}
         assert all(g is not None for g in grads.values())
         results.append(({k: v.detach() for k, v in terms.items()}, grads))
@@ -245,11 +245,11 @@ def test_fused_head_step_equals_the_logits_step(kind: str, divergence: str) -> N
 def test_fused_head_is_off_in_evaluation_and_on_cpu_by_default() -> None:
     module = _module(student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1))
     module.train()
-    assert module.fused_head is None and not module._fused_step()  # CPU: the logits path
+    assert module.fused_head is None and not module.uses_fused_head()  # CPU: the logits path
     module.fused_head = True
-    assert module._fused_step()
+    assert module.uses_fused_head()
     module.eval()
-    assert not module._fused_step()
+    assert not module.uses_fused_head()
 
 
 def test_fused_head_refuses_a_student_without_hidden_states() -> None:

@@ -83,7 +83,7 @@ def test_on_policy_batch_masks_exactly_the_generated_tokens() -> None:
     torch.manual_seed(0)
     module = _module()
     batch, prompts = _prompt_response_batch()
-    out = module.on_policy_batch(batch, batch_idx=0)
+    out = module.on_policy.batch(module.student, batch, 0, 0)
     assert out["weight"].tolist() == batch["weight"].tolist()
     assert out["problem_index"].tolist() == batch["problem_index"].tolist()
     ended_early = truncated = 0
@@ -106,9 +106,9 @@ def test_on_policy_batch_masks_exactly_the_generated_tokens() -> None:
             assert len(completion) == MAX_NEW
     assert ended_early and truncated  # both cases are exercised
     # The same step on a second call samples the same tokens (seeded by step and problem).
-    again = module.on_policy_batch(batch, batch_idx=0)
+    again = module.on_policy.batch(module.student, batch, 0, 0)
     assert torch.equal(again["input_ids"], out["input_ids"])
-    other = module.on_policy_batch(batch, batch_idx=1)
+    other = module.on_policy.batch(module.student, batch, 0, 1)
     assert not torch.equal(other["input_ids"], out["input_ids"])
 
 
@@ -132,7 +132,7 @@ def test_on_policy_loss_is_reverse_kl_on_generated_tokens_and_teacher_gets_no_gr
     torch.manual_seed(0)
     module = _module()
     batch, _ = _prompt_response_batch()
-    out = module.on_policy_batch(batch, batch_idx=0)
+    out = module.on_policy.batch(module.student, batch, 0, 0)
     assert not out["input_ids"].requires_grad
 
     terms = module.distillation_loss(out)
@@ -158,7 +158,9 @@ def test_training_step_uses_on_policy_batch() -> None:
     torch.manual_seed(0)
     module = _module()
     batch, _ = _prompt_response_batch()
-    on_policy = module.distillation_loss(module.on_policy_batch(batch, 0))["loss"]
+    on_policy = module.distillation_loss(module.on_policy.batch(module.student, batch, 0, 0))[
+        "loss"
+    ]
     data = module.distillation_loss(batch)["loss"]
     step = module.training_step(batch, 0)
     torch.testing.assert_close(step, on_policy)
@@ -169,12 +171,12 @@ def test_on_policy_fraction_share_and_determinism() -> None:
     never = _module(on_policy_fraction=0.0)
     always = _module(on_policy_fraction=1.0)
     mixed = _module(on_policy_fraction=0.3)
-    assert not any(never.is_on_policy_step(i) for i in range(100))
-    assert all(always.is_on_policy_step(i) for i in range(100))
-    draws = [mixed.is_on_policy_step(i) for i in range(4000)]
+    assert not any(never.on_policy.is_on_policy(0, i) for i in range(100))
+    assert all(always.on_policy.is_on_policy(0, i) for i in range(100))
+    draws = [mixed.on_policy.is_on_policy(0, i) for i in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.03
     again = _module(on_policy_fraction=0.3)
-    assert draws == [again.is_on_policy_step(i) for i in range(4000)]
+    assert draws == [again.on_policy.is_on_policy(0, i) for i in range(4000)]
 
 
 def test_low_rank_clone_student_rolls_out_through_a_reused_plain_model() -> None:
@@ -187,16 +189,16 @@ def test_low_rank_clone_student_rolls_out_through_a_reused_plain_model() -> None
     )  # fmt: skip
     assert isinstance(module.student, LowRankClone)
     batch, _ = _prompt_response_batch()
-    module.on_policy_batch(batch, 0)
-    rollout_model = module._rollout_model
+    module.on_policy.batch(module.student, batch, 0, 0)
+    rollout_model = module.on_policy.rollout_model
     assert rollout_model is not None
     assert "_rollout_model" not in dict(module.named_modules())  # not a submodule
     assert not any(k.startswith("_rollout") for k in module.state_dict())
     with torch.no_grad():  # the student changes, as after an optimizer step
         for p in module.student.all_projections():
             p.add_(0.05 * torch.randn_like(p))
-    module.on_policy_batch(batch, 0)
-    assert module._rollout_model is rollout_model  # refilled in place, not rebuilt
+    module.on_policy.batch(module.student, batch, 0, 0)
+    assert module.on_policy.rollout_model is rollout_model  # refilled in place, not rebuilt
     fresh = generation_model(module.student)
     ids = batch["input_ids"]
     torch.testing.assert_close(
@@ -212,7 +214,7 @@ def test_missing_eos_fails_clearly() -> None:
     )
     batch, _ = _prompt_response_batch()
     with pytest.raises(ValueError, match=r"model\.eos_token_id"):
-        module.on_policy_batch(batch, 0)
+        module.on_policy.batch(module.student, batch, 0, 0)
 
 
 @pytest.mark.parametrize(

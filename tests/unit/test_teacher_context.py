@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama, tiny_paced_datamodule
 
-from lrkd.data.text import pad_collate, prompt_response_example
+from lrkd.data.text import pad_collate, prompt_response_example, teacher_view
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import TeacherCopy
-from lrkd.module import DistillationModule, teacher_view
+from lrkd.module import DistillationModule
 
 PAD = 3
 
@@ -130,7 +130,7 @@ def test_on_policy_batch_gives_the_teacher_its_prompt_and_the_same_completions()
                                 on_policy_fraction=1.0, on_policy_max_new_tokens=5,
                                 eos_token_id=2, teacher_dtype="float32")  # fmt: skip
     batch = _batch()
-    out = module.on_policy_batch(batch)
+    out = module.on_policy.batch(module.student, batch, step=0)
     student, teacher = out, teacher_view(out)
     for row, (s_prompt, t_prompt, _) in enumerate(_rows()):
         s_ids = student["input_ids"][row][student["attention_mask"][row].bool()].tolist()

@@ -23,7 +23,8 @@ from lrkd.diagnostics.snr import gradient_snr
 from lrkd.losses import kd_divergence
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
-from lrkd.module import DistillationModule, next_token_targets
+from lrkd.module import DistillationModule
+from lrkd.objective import next_token_targets
 
 
 def _trainer(tmp_path, callbacks, **kwargs) -> Trainer:

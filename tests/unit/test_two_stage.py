@@ -27,8 +27,8 @@ class Probe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen.append((
-            trainer.global_step, pl_module.kd_loss.kind, pl_module.kd_loss.temperature,
-            pl_module.on_policy_fraction,
+            trainer.global_step, pl_module.objective.divergence.kind,
+            pl_module.objective.divergence.temperature, pl_module.on_policy.fraction,
         ))  # fmt: skip
 
 
@@ -222,5 +222,5 @@ def test_refuses_a_module_it_cannot_drive(tmp_path) -> None:
 
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                       callbacks=[TwoStageKL(switch_step=1)])  # fmt: skip
-    with pytest.raises(TypeError, match="set_divergence"):
+    with pytest.raises(TypeError, match="objective and an on_policy sampler"):
         trainer.fit(Plain(), DataLoader([torch.zeros(2)]))

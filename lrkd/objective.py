@@ -1,0 +1,308 @@
+"""The distillation objective: (teacher output, student output, batch) -> loss terms.
+
+For a batch whose ``loss_mask`` selects the target tokens (position i predicts token i + 1),
+
+    loss = kd_weight * sum_b w_b * sum_t D_bt / n_tokens  +  ce_weight * CE  +  clone_weight * C
+
+where D is the divergence between the teacher's and the student's next-token distributions at
+a temperature (:class:`lrkd.losses.KDDivergence`, fp32, chunked over tokens), w_b the example's
+``weight`` (1 without one), CE the student's next-token cross-entropy and C the sum of the clone
+losses a :class:`~lrkd.models.protocols.CoRunStudent` reports. Weights with mean 1 keep the
+scale of unweighted distillation.
+
+When the teacher reads its own prompt over the same responses (``teacher_*`` batch keys, e.g.
+``data.teacher_prompt_template``), :func:`aligned_targets` pairs the k-th target position of each
+row in both sequences; the two must predict the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lrkd.data.text import teacher_view
+from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
+from lrkd.models.paired_forward import PairedOutput
+from lrkd.models.students import output_vocab_size
+
+log = logging.getLogger("lrkd")
+
+__all__ = [
+    "DistillationObjective",
+    "Targets",
+    "aligned_targets",
+    "next_token_targets",
+    "shared_vocab_size",
+]
+
+
+def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token targets [B, L] of a batch and the mask [B, L] of the positions whose
+    prediction counts (the batch's ``loss_mask`` and ``attention_mask``, shifted by one).
+
+    Position i predicts token i + 1. Shifting the targets and the mask (rather than slicing the
+    logits) keeps the logits contiguous: a sliced [B, L-1, V] view would cost a second
+    full-size gradient buffer in backward. The last position is never a target.
+    """
+    input_ids = batch["input_ids"]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask[:, :-1] = batch["loss_mask"][:, 1:].to(torch.bool)
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        mask[:, :-1] &= attention_mask[:, 1:].to(torch.bool)
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return targets, mask
+
+
+def aligned_targets(
+    targets: torch.Tensor, mask: torch.Tensor, t_targets: torch.Tensor, t_mask: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The (row, position) indices of the student's and the teacher's target positions, in the
+    same order, after checking that each row predicts the same tokens in both sequences."""
+    if mask.shape[0] != t_mask.shape[0]:
+        raise ValueError(
+            f"teacher_input_ids has {t_mask.shape[0]} rows, input_ids {mask.shape[0]}."
+        )
+    rows, t_rows = mask.nonzero(as_tuple=True), t_mask.nonzero(as_tuple=True)
+    same = torch.equal(mask.sum(dim=1), t_mask.sum(dim=1)) and torch.equal(
+        targets[rows], t_targets[t_rows]
+    )
+    if not same:
+        raise ValueError(
+            "The teacher's sequence (teacher_input_ids, teacher_loss_mask) must contain the "
+            "same response tokens as the student's, after its own prompt: the targets differ."
+        )
+    return rows, t_rows
+
+
+def _scatter(
+    values: torch.Tensor, rows: tuple[torch.Tensor, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """``values`` of the selected positions ``rows`` placed in a zero tensor shaped ``like``."""
+    out = values.new_zeros(like.shape)
+    out[rows] = values
+    return out
+
+
+@dataclass
+class Targets:
+    """The targets of one batch, for both models.
+
+    Attributes:
+        targets, mask: the student's next-token targets and target mask [B, L].
+        teacher_targets, teacher_mask: the teacher's (its own sequence's, or the same tensors).
+        rows, teacher_rows: with a teacher prompt of its own, the paired target positions
+            (:func:`aligned_targets`); ``None`` when both read the same sequence.
+    """
+
+    targets: torch.Tensor
+    mask: torch.Tensor
+    teacher_targets: torch.Tensor
+    teacher_mask: torch.Tensor
+    rows: tuple[torch.Tensor, ...] | None = None
+    teacher_rows: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def of(cls, batch: dict[str, torch.Tensor]) -> Targets:
+        """The targets of ``batch`` (and of its teacher view, paired, when it has one)."""
+        targets, mask = next_token_targets(batch)
+        view = teacher_view(batch)
+        if view is None:
+            return cls(targets, mask, targets, mask)
+        t_targets, t_mask = next_token_targets(view)
+        rows, t_rows = aligned_targets(targets, mask, t_targets, t_mask)
+        return cls(targets, mask, t_targets, t_mask, rows, t_rows)
+
+
+def shared_vocab_size(
+    teacher: nn.Module, student: nn.Module, vocab_size: int | None, tokenizer_size: int | None
+) -> int | None:
+    """The number of logits the loss keeps when teacher and student heads differ only by padding
+    rows (``None``: keep all, they are equal or unknown).
+
+    Raises:
+        ValueError: a real vocabulary mismatch (more real tokens than the smaller head).
+    """
+    v_teacher = output_vocab_size(teacher)
+    v_student = output_vocab_size(student)
+    if v_teacher is None or v_student is None or v_teacher == v_student:
+        return None
+    n_tokens = vocab_size or tokenizer_size
+    if n_tokens is not None and n_tokens <= min(v_teacher, v_student):
+        log.warning(
+            "lrkd: teacher has %d logits, student %d; the tokenizer has %d tokens, so the "
+            "extra rows are padding and the loss uses the shared first %d.",
+            v_teacher,
+            v_student,
+            n_tokens,
+            min(v_teacher, v_student),
+        )
+        return min(v_teacher, v_student)
+    known = f"the tokenizer has {n_tokens} tokens" if n_tokens else "no tokenizer size known"
+    raise ValueError(
+        f"Vocab mismatch: the teacher predicts {v_teacher} tokens and the student "
+        f"{v_student} ({known}). The student must use the teacher's tokenizer: set "
+        f"model.student's vocab_size to {v_teacher}. If the two differ only by padded "
+        "embedding rows, set model.vocab_size to the real number of tokens."
+    )
+
+
+class DistillationObjective(nn.Module):
+    """The loss terms of a batch from both models' outputs (see the module docstring).
+
+    Args:
+        divergence: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
+            ``skew_reverse_kl`` or ``tvd``.
+        temperature: both models' logits are divided by it before the divergence.
+        scale_by_temperature_squared: multiply the divergence by T^2.
+        kd_weight, ce_weight, clone_weight: the weights of the three terms.
+        jsd_beta: mixture weight of the teacher in ``jsd``.
+        skew_alpha: skew of the ``skew_*`` divergences.
+        chunk_size: tokens per chunk; ``None`` picks about 64 MB per fp32 chunk.
+        shared_vocab: keep only the first ``shared_vocab`` logits (padded heads).
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = False,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        clone_weight: float = 0.0,
+        jsd_beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        chunk_size: int | None = None,
+        shared_vocab: int | None = None,
+    ) -> None:
+        super().__init__()
+        if divergence not in DIVERGENCE_KINDS:
+            raise ValueError(
+                f"model.divergence={divergence!r} is not a known divergence; "
+                f"choose one of {', '.join(DIVERGENCE_KINDS)}."
+            )
+        try:
+            self.divergence = KDDivergence(
+                divergence, temperature, beta=jsd_beta, skew_alpha=skew_alpha, chunk_size=chunk_size
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"model: {err} (see model.temperature, jsd_beta, skew_alpha)."
+            ) from err
+        self.default_temperature = temperature
+        self.scale_by_temperature_squared = scale_by_temperature_squared
+        self.kd_weight = kd_weight
+        self.ce_weight = ce_weight
+        self.clone_weight = clone_weight
+        self.shared_vocab = shared_vocab
+
+    def set_divergence(self, kind: str, temperature: float | None = None) -> None:
+        """Use divergence ``kind`` from the next batch on, at ``temperature`` (``None``: the
+        configured ``temperature``); the other divergence settings are kept."""
+        old = self.divergence
+        self.divergence = KDDivergence(
+            kind,  # type: ignore[arg-type]
+            self.default_temperature if temperature is None else temperature,
+            beta=old.beta,
+            skew_alpha=old.skew_alpha,
+            chunk_size=old.chunk_size,
+        )
+
+    def vocab_aligned(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' logits cut to the shared vocabulary (padded heads)."""
+        if self.shared_vocab is not None:
+            student_logits = student_logits[..., : self.shared_vocab]
+            teacher_logits = teacher_logits[..., : self.shared_vocab]
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(
+                f"Vocab mismatch at run time: teacher logits have {teacher_logits.shape[-1]} "
+                f"entries, student logits {student_logits.shape[-1]}. Set model.vocab_size to "
+                "the real number of tokens if the difference is padding."
+            )
+        return student_logits, teacher_logits
+
+    def token_losses(
+        self, out: PairedOutput, t: Targets
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token divergence [B, L], the mean CE, and the teacher's logits (``None`` on the
+        hidden-state path), from either kind of :class:`PairedOutput`."""
+        d = self.divergence
+        if out.student_logits is None:  # hidden states and heads: logits never made in full
+            head, t_head = out.head, out.teacher_head
+            if self.shared_vocab is not None:
+                head, t_head = head[: self.shared_vocab], t_head[: self.shared_vocab]
+            fused = functools.partial(
+                head_kd_losses, kind=d.kind, temperature=d.temperature, beta=d.beta,
+                skew_alpha=d.skew_alpha, chunk_size=d.chunk_size,
+            )  # fmt: skip
+            if t.rows is None:
+                kd_tokens, ce_tokens = fused(
+                    out.hidden, head, out.teacher_hidden, t_head, t.targets, t.mask
+                )
+            else:
+                kd_sel, ce_sel = fused(out.hidden[t.rows], head, out.teacher_hidden[t.teacher_rows],
+                                       t_head, t.targets[t.rows], None)  # fmt: skip
+                kd_tokens = _scatter(kd_sel, t.rows, t.mask)
+                ce_tokens = _scatter(ce_sel, t.rows, t.mask)
+            return kd_tokens, ce_tokens.sum() / t.mask.sum().clamp_min(1), None
+        student_logits, teacher_logits = self.vocab_aligned(out.student_logits, out.teacher_logits)
+        if t.rows is None:
+            kd_tokens = d(student_logits, teacher_logits, t.mask)
+        else:
+            kd_sel = d(student_logits[t.rows], teacher_logits[t.teacher_rows])
+            kd_tokens = _scatter(kd_sel, t.rows, t.mask)
+        ce = chunked_cross_entropy(
+            student_logits, t.targets, t.mask, chunk_size=d.chunk_size, reduction="mean"
+        )
+        return kd_tokens, ce, teacher_logits
+
+    def forward(
+        self,
+        out: PairedOutput,
+        t: Targets,
+        weight: torch.Tensor | None = None,
+        teacher_reference: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The loss terms.
+
+        Args:
+            out: both models' outputs on the batch.
+            t: the batch's targets (:meth:`Targets.of`).
+            weight: per-example weights [B] (PACED), or ``None``.
+            teacher_reference: also compute the teacher's own CE (``ce_teacher``, evaluation).
+
+        Returns:
+            ``loss`` (to minimise), ``kd`` (the divergence term, before ``kd_weight``), ``ce``,
+            ``clone`` and ``clone_<term>`` for a co-run student, ``ce_teacher`` when asked.
+        """
+        kd_tokens, ce, teacher_logits = self.token_losses(out, t)
+        n_tokens = t.mask.sum().clamp_min(1)
+        kd_per_example = kd_tokens.sum(dim=-1)
+        if weight is not None:
+            kd_per_example = kd_per_example * weight.to(kd_per_example.dtype)
+        kd = kd_per_example.sum() / n_tokens
+        if self.scale_by_temperature_squared:
+            kd = kd * self.divergence.temperature**2
+
+        loss = self.kd_weight * kd + (self.ce_weight * ce if self.ce_weight else 0.0)
+        terms = {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
+        if out.clone_losses:
+            clone = torch.stack(list(out.clone_losses.values())).sum()
+            if self.clone_weight:
+                terms["loss"] = loss + self.clone_weight * clone
+            terms["clone"] = clone.detach()
+            terms.update({f"clone_{k}": v.detach() for k, v in out.clone_losses.items()})
+        if teacher_reference and teacher_logits is not None:
+            with torch.no_grad():
+                terms["ce_teacher"] = chunked_cross_entropy(
+                    teacher_logits, t.teacher_targets, t.teacher_mask,
+                    chunk_size=self.divergence.chunk_size, reduction="mean",
+                )  # fmt: skip
+        return terms
