@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import Trainer
 from plotting import pyplot
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.text import TextDataModule
@@ -102,9 +103,9 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
         on_policy_seed=seed,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )  # fmt: skip
-    module.tokenizer = args.tokenizer
     datamodule = DistillDataModule(
-        num_problems=args.problems, difficulties=args.difficulties,
+        tokenizer="smollm2-135m-instruct", num_problems=args.problems,
+        difficulties=args.difficulties,
         val_fraction=args.val_fraction, chat_template=False, prompt_template=STUDENT_PROMPT,
         teacher_prompt_template=TEACHER_PROMPTS[args.teacher_context], teacher_responses="generate",
         teacher_max_new_tokens=args.max_new_tokens,
@@ -116,7 +117,10 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
         estimate_every_n_steps=args.estimate_every, estimate_every_n_epochs=None,
         val_num_rollouts=args.eval_samples, batch_size=args.batch_size, seq_length=96, seed=seed,
     )  # fmt: skip
-    callbacks = [TwoStageKL(switch_fraction=args.switch_fraction)] if arm == "two_stage" else []
+    pacing = PassRatePacing(datamodule)
+    callbacks = [pacing]
+    if arm == "two_stage":
+        callbacks.append(TwoStageKL(switch_fraction=args.switch_fraction))
     trainer = Trainer(
         accelerator="cpu", max_steps=args.steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -126,11 +130,11 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
     datamodule.trainer = trainer
     trainer.strategy.connect(module)
     datamodule.setup()
-    datamodule._prepare()
-    before = datamodule.evaluate(trainer)
+    pacing.prepare_responses(trainer, module)
+    before = pacing.evaluate(trainer, module)
     loss_before = text_loss(module.student, text)
     trainer.fit(module, datamodule=datamodule)
-    after = datamodule.evaluate(trainer)
+    after = pacing.evaluate(trainer, module)
     loss_after = text_loss(module.student, text)
     n_val = len(datamodule.val_problems)
     return {
@@ -138,7 +142,7 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
         "pass@1_before": before["val/pass@1"], "pass@1_after": after["val/pass@1"],
         "pass_rate_before": before.get("val/pass_rate"),
         "pass_rate_after": after.get("val/pass_rate"),
-        "teacher_pass@1": datamodule.teacher_pass_at_1,
+        "teacher_pass@1": pacing.teacher_pass_at_1,
         "text_loss_before": loss_before, "text_loss_after": loss_after,
         "estimation_rounds": datamodule.rounds,
         "last_mean_pass_rate": float(datamodule.correct.double().mean() / args.rollouts),

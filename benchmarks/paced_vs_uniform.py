@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.models.lowrank import LowRankCloneBuilder
@@ -66,9 +67,9 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
         on_policy_max_new_tokens=args.on_policy_tokens,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )  # fmt: skip
-    module.tokenizer = args.tokenizer
     estimating = arm != "uniform"
     datamodule = DistillDataModule(
+        tokenizer="smollm2-135m-instruct",
         num_problems=args.problems,
         difficulties=args.difficulties,
         val_fraction=args.val_fraction,
@@ -87,21 +88,22 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
         seq_length=96,
         seed=args.seed,
     )
+    pacing = PassRatePacing(datamodule)
     trainer = Trainer(
         accelerator="cpu", max_steps=args.steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=1.0,
-        callbacks=[TwoStageKL(switch_fraction=args.switch_fraction)]
-        if schedule == "two_stage" else [],
+        callbacks=[pacing, TwoStageKL(switch_fraction=args.switch_fraction)]
+        if schedule == "two_stage" else [pacing],
     )  # fmt: skip
     start = time.perf_counter()
     datamodule.trainer = trainer  # evaluate() before fit needs the trainer's strategy
     trainer.strategy.connect(module)
     datamodule.setup()
-    datamodule._prepare()
-    before = datamodule.evaluate(trainer)["val/pass@1"]
+    pacing.prepare_responses(trainer, module)
+    before = pacing.evaluate(trainer, module)["val/pass@1"]
     trainer.fit(module, datamodule=datamodule)
-    after = datamodule.evaluate(trainer)["val/pass@1"]
+    after = pacing.evaluate(trainer, module)["val/pass@1"]
     n_val = min(len(datamodule.val_problems), datamodule.val_max_problems or 10**9)
     p = datamodule.correct
     return {
@@ -111,7 +113,7 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
         "pass@1_after": after,
         "stderr_after": math.sqrt(max(after * (1 - after), 1e-12) / n_val),
         "n_val": n_val,
-        "teacher_pass@1": datamodule.teacher_pass_at_1,
+        "teacher_pass@1": pacing.teacher_pass_at_1,
         "estimation_rounds": datamodule.rounds,
         "last_mean_pass_rate": None if p is None else float(p.double().mean() / args.rollouts),
         "last_cold_start": datamodule.cold_started,

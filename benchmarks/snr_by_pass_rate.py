@@ -40,6 +40,7 @@ from lightning.pytorch import Trainer
 from plotting import pyplot
 
 from lrkd.callbacks.diagnostics import pass_rate_bucket_snr
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.pacing import bucket_labels, bucketize
 from lrkd.data.text import prompt_response_example, response_token_ids
@@ -65,21 +66,22 @@ def build(setup: str, teacher: torch.nn.Module, args: argparse.Namespace) -> Dis
 
 def measure(setup: str, teacher: torch.nn.Module, tokenizer, args: argparse.Namespace) -> dict:
     module = build(setup, teacher, args)
-    module.tokenizer = tokenizer
     dm = DistillDataModule(
-        num_problems=args.problems, difficulties=args.difficulties, val_fraction=0.0,
+        tokenizer="smollm2-135m-instruct", num_problems=args.problems,
+        difficulties=args.difficulties, val_fraction=0.0,
         chat_template=False, prompt_template="Question: {prompt}\nAnswer:",
         teacher_max_new_tokens=32, num_rollouts=args.rollouts, rollout_max_new_tokens=24,
         rollout_batch_size=48, estimate_at_start=False, val_num_rollouts=0, seq_length=96,
     )  # fmt: skip
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    pacing = PassRatePacing(dm)
     dm.trainer = trainer
     trainer.strategy.connect(module)
     dm.setup()
-    dm._prepare()
+    pacing.prepare_responses(trainer, module)
     start = time.perf_counter()
-    p = dm.estimate(trainer)
+    p = pacing.estimate(trainer, module)
     estimate_s = time.perf_counter() - start
     labels = bucket_labels(dm.bucket_edges)
     sizes = torch.bincount(bucketize(p, dm.bucket_edges), minlength=len(labels)).tolist()
@@ -96,7 +98,7 @@ def measure(setup: str, teacher: torch.nn.Module, tokenizer, args: argparse.Name
     else:
         examples = [
             prompt_response_example(prompts, response_token_ids(tokenizer, f" {q.answer}"))
-            for prompts, q in zip(dm._prompts["train"], dm.train_problems, strict=True)
+            for prompts, q in zip(dm.prompts("train"), dm.train_problems, strict=True)
         ]
 
         def loss(batch):

@@ -20,6 +20,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from lrkd.callbacks.pacing import PassRatePacing
+from lrkd.data.datamodule import DistillDataModule
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport
 from lrkd.module import DistillationModule
 
@@ -45,7 +47,33 @@ def default_precision() -> str:
 
 class LRKDCLI(LightningCLI):
     """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``, and
-    bf16 mixed precision on a GPU that supports it (:func:`default_precision`)."""
+    bf16 mixed precision on a GPU that supports it (:func:`default_precision`).
+
+    Values shared by model and data are wired here, once, when the config is parsed: the data's
+    tokenizer is the teacher's when the config gives a teacher by name and no ``data.tokenizer``;
+    a :class:`~lrkd.data.datamodule.DistillDataModule` gets its
+    :class:`~lrkd.callbacks.pacing.PassRatePacing` callback.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        """Fill in ``data.tokenizer`` from ``model.teacher``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data, model = config.get("data"), config.get("model")
+        teacher = model.get("teacher") if model is not None else None
+        init_args = data.get("init_args") if data is not None else None
+        wants = init_args is not None and "tokenizer" in init_args
+        if isinstance(teacher, str) and wants and init_args.tokenizer is None:
+            init_args.tokenizer = teacher
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with PassRatePacing added for a DistillDataModule that has none."""
+        if isinstance(self.datamodule, DistillDataModule) and "callbacks" not in kwargs:
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            given = config.get("trainer", {}).get("callbacks") or []
+            callbacks = list(given) if isinstance(given, list) else [given]
+            if not any(isinstance(c, PassRatePacing) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, PassRatePacing()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "float32") -> Path:

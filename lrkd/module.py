@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -225,13 +225,6 @@ class DistillationModule(LightningModule):
             if value is not None:
                 return value
         return None
-
-    def configure_callbacks(self) -> list[Callback]:
-        """The DataModule's own training-loop callbacks (pass-rate pacing), when it has any."""
-        trainer = attached_trainer(self)
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        callbacks = getattr(datamodule, "training_callbacks", None)
-        return list(callbacks()) if callable(callbacks) else []
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode for the student; the teacher always stays in eval mode."""

@@ -509,7 +509,7 @@ def pass_rate_bucket_snr(
         members = torch.nonzero(buckets == b).flatten()
         order = torch.randperm(len(members), generator=generator)
         chosen[label] = members[order[:problems_per_bucket]].tolist()
-    dataset = datamodule._datasets["train"] if examples is None else examples
+    dataset = datamodule.examples("train") if examples is None else examples
     pad = datamodule.tokenizer.pad_token_id
     pad = datamodule.tokenizer.eos_token_id if pad is None else pad
 

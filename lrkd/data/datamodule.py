@@ -22,37 +22,30 @@ What it does, in order:
    student's greedy pass@1 (``val/pass@1``) and its mean pass rate over sampled answers
    (``val/pass_rate``); the teacher's greedy pass@1 is logged once as ``val/pass@1_teacher``.
 
-The estimation and the per-batch weights run in a callback that the DistillationModule adds by
-itself (``configure_callbacks``); with another LightningModule, pass
-``datamodule.training_callbacks()`` to the Trainer.
+The DataModule holds data only. The model work (generating teacher responses, estimating pass
+rates, evaluating pass@1) is done by :class:`lrkd.callbacks.pacing.PassRatePacing`, which takes
+the models from the LightningModule and hands the results over (:meth:`set_responses`,
+:meth:`set_pass_rates`); ``lrkd fit`` adds it, and a Python script puts it in the Trainer's
+callbacks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from torch import nn
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lrkd.callbacks.diagnostics import log_pacing
 from lrkd.data.pacing import (
     APPLY_MODES,
     COLD_STARTS,
     WEIGHTINGS,
-    bucket_labels,
-    bucketize,
     check_bucket_edges,
     pacing_weights,
-    pass_rates,
 )
 from lrkd.data.problems import (
     DIFFICULTIES,
@@ -63,6 +56,7 @@ from lrkd.data.problems import (
     split_problems,
 )
 from lrkd.data.resumable import ResumableSampler
+from lrkd.data.sampling_settings import check_sampling
 from lrkd.data.text import (
     pad_collate,
     prompt_response_example,
@@ -71,13 +65,10 @@ from lrkd.data.text import (
     response_token_ids,
 )
 from lrkd.data.verifiers import Verifier, get_verifier
-from lrkd.generation.pass_rates import count_correct
-from lrkd.generation.sampling import check_sampling, generate, generation_model
-from lrkd.seeds import row_seed
 
 log = logging.getLogger("lrkd")
 
-__all__ = ["DistillDataModule", "PacedSampler", "PacingCallback"]
+__all__ = ["DistillDataModule", "PacedSampler"]
 
 _RESPONSE_SOURCES = ("auto", "dataset", "generate")
 
@@ -135,50 +126,6 @@ class PacedSampler(ResumableSampler):
         return support[order][: self.num_samples - produced]
 
 
-class PacingCallback(Callback):
-    """The training-loop side of :class:`DistillDataModule`: re-estimates pass rates at the
-    configured cadence, attaches the per-example weights to each training batch, and reports
-    pass@1 at the end of validation."""
-
-    def __init__(self, datamodule: DistillDataModule) -> None:
-        self.datamodule = datamodule
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Re-estimate every ``estimate_every_n_epochs`` epochs."""
-        dm = self.datamodule
-        n = dm.estimate_every_n_epochs
-        epoch = trainer.current_epoch
-        if n and epoch > 0 and epoch % n == 0 and dm.last_estimate["epoch"] != epoch:
-            dm.estimate(trainer)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Re-estimate every ``estimate_every_n_steps`` optimizer steps; weight the batch."""
-        dm = self.datamodule
-        n, step = dm.estimate_every_n_steps, trainer.global_step
-        if n and step > 0 and step % n == 0 and dm.last_estimate["step"] != step:
-            dm.estimate(trainer)
-        if isinstance(batch, dict) and "problem_index" in batch:
-            batch["weight"] = dm.batch_weight(batch["problem_index"])
-
-    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = self.datamodule.evaluate(trainer, stage=stage)
-        for name, value in metrics.items():
-            # Every rank holds the same gathered value, so no reduction is needed.
-            pl_module.log(name, value, on_epoch=True, rank_zero_only=False)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log ``val/pass@1``, ``val/pass_rate`` (and once ``val/pass@1_teacher``)."""
-        self._report(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log ``test/pass@1`` and ``test/pass_rate``."""
-        self._report(trainer, pl_module, "test")
-
-
 class DistillDataModule(LightningDataModule):
     """Verifiable problems with teacher responses, weighted by the student's pass rate (PACED).
 
@@ -194,7 +141,8 @@ class DistillDataModule(LightningDataModule):
         problem_kinds: kinds of built-in problems: ``add``, ``sub``, ``mul``, ``word``.
         difficulties: difficulty levels of built-in problems (1 easiest .. 5).
         val_fraction: share of the problems held out when ``val_files`` is None.
-        tokenizer: a built-in name, local directory or hub id; ``None`` takes the teacher's.
+        tokenizer: the teacher's tokenizer: a built-in name, local directory or hub id (``lrkd
+            fit`` fills in ``model.teacher`` when it is a name and this is left out).
         chat_template: format each prompt as a user turn of the tokenizer's chat template
             (when it has one).
         prompt_template: the prompt text, with ``{prompt}`` replaced by the problem's prompt,
@@ -356,7 +304,8 @@ class DistillDataModule(LightningDataModule):
         self.val_problems: list[Problem] = []
         self._prompts: dict[str, list[list[int]]] = {}
         self._teacher_prompts: dict[str, list[list[int]]] = {}
-        self._datasets: dict[str, Dataset] = {}
+        self._responses: dict[str, list[list[int] | None]] = {}
+        self._examples: dict[str, Dataset] = {}
         # The pacing state (saved in checkpoints): counts of the last estimate and the weights.
         self.correct: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None  # raw w per training problem (float64)
@@ -364,17 +313,17 @@ class DistillDataModule(LightningDataModule):
         self.cold_started = False
         self.rounds = 0
         self.last_estimate: dict[str, int | None] = {"step": None, "epoch": None}
-        self.teacher_pass_at_1: float | None = None
         self._restored: dict[str, Any] | None = None
         self._sampler: PacedSampler | None = None
 
     # ----------------------------------------------------------------------------- problems
 
     def setup(self, stage: str | None = None) -> None:
-        """Read or generate the problems, split them and tokenise the prompts (once)."""
+        """Read or generate the problems, split them, tokenise the prompts and take the
+        dataset's own responses (once)."""
         if self.train_problems:
             return
-        self.tokenizer = self._resolve_tokenizer()
+        self.tokenizer = resolve_tokenizer(self.tokenizer_name)
         if self.train_files:
             problems = [p for f in self.train_files for p in read_problems(f)]
         else:
@@ -394,6 +343,21 @@ class DistillDataModule(LightningDataModule):
                 split: [self.teacher_prompt_ids(p) for p in problems]
                 for split, problems in (("train", train), ("val", val))
             }
+        for split, problems in (("train", train), ("val", val)):
+            self._responses[split] = self._dataset_responses(split, problems)
+
+    def problems(self, split: str) -> list[Problem]:
+        """The problems of ``split`` (``train`` or ``val``)."""
+        return self.train_problems if split == "train" else self.val_problems
+
+    def prompts(self, split: str) -> list[list[int]]:
+        """The student's prompt token ids of every problem of ``split``."""
+        return self._prompts[split]
+
+    def teacher_prompts(self, split: str) -> list[list[int]]:
+        """The teacher's prompt token ids of every problem of ``split`` (its own template's, or
+        the student's prompts)."""
+        return self._teacher_prompts.get(split) or self._prompts[split]
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         """Token ids of a problem's prompt as the models see it (template, chat format)."""
@@ -409,37 +373,61 @@ class DistillDataModule(LightningDataModule):
         text = text.replace("{answer}", problem.answer)
         return prompt_token_ids(self.tokenizer, text, self.chat_template)
 
-    def _resolve_tokenizer(self) -> Any:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        return resolve_tokenizer(self.tokenizer_name, self.trainer)
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, without special tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------- teacher responses
 
-    def _models(self) -> tuple[nn.Module, nn.Module]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        teacher, student = getattr(module, "teacher", None), getattr(module, "student", None)
-        if teacher is None or student is None:
-            raise RuntimeError(
-                "DistillDataModule needs a LightningModule with .teacher and .student (e.g. "
-                "lrkd.module.DistillationModule) attached to a Trainer."
+    def _dataset_responses(self, split: str, problems: list[Problem]) -> list[list[int] | None]:
+        """The dataset's own response token ids per problem (``None`` where to generate)."""
+        responses: list[list[int] | None] = [None] * len(problems)
+        if self.teacher_responses != "generate":
+            for i, problem in enumerate(problems):
+                if problem.response is not None:
+                    responses[i] = response_token_ids(self.tokenizer, problem.response)
+        missing = [i for i, r in enumerate(responses) if r is None]
+        if missing and self.teacher_responses == "dataset":
+            raise ValueError(
+                f"data.teacher_responses=dataset, but {len(missing)} {split} problems have no "
+                f"response (first: id {problems[missing[0]].id!r}); add responses or set "
+                "data.teacher_responses to auto or generate."
             )
-        return teacher, student
+        return responses
 
-    def _prepare(self) -> None:
-        """Build the training and validation examples (teacher responses) once."""
-        if self._datasets:
+    def missing_responses(self, split: str) -> list[int]:
+        """Indices of the problems of ``split`` whose teacher response is still to generate."""
+        return [i for i, r in enumerate(self._responses.get(split, [])) if r is None]
+
+    def set_responses(
+        self, split: str, indices: Sequence[int], responses: Sequence[list[int]]
+    ) -> None:
+        """Set generated teacher responses (token ids ending with EOS when complete) of the
+        problems ``indices`` of ``split``."""
+        for i, ids in zip(indices, responses, strict=True):
+            self._responses[split][i] = list(ids)
+
+    def build_examples(self) -> None:
+        """Turn problems and responses into training and validation examples (once every
+        response is known); with ``drop_incorrect_teacher_responses``, keep only the training
+        problems whose response the verifier accepts."""
+        if self._examples:
             return
-        if not self.train_problems:
-            self.setup()
         for split in ("train", "val"):
-            problems = self.train_problems if split == "train" else self.val_problems
+            problems = self.problems(split)
             if not problems:
                 continue
-            responses = self._responses(split, problems)
+            if self.missing_responses(split):
+                raise RuntimeError(
+                    f"DistillDataModule: {len(self.missing_responses(split))} {split} problems "
+                    "have no teacher response yet; lrkd.callbacks.pacing.PassRatePacing "
+                    "generates them with the teacher (add it to trainer.callbacks; lrkd fit "
+                    "does), or give responses in the data (data.teacher_responses: dataset)."
+                )
+            responses: list[list[int]] = list(self._responses[split])  # type: ignore[arg-type]
             if self.drop_incorrect_teacher_responses and split == "train":
                 keep = [i for i, (p, r) in enumerate(zip(problems, responses, strict=True))
-                        if self.verifier(self._decode(r), p.answer)]  # fmt: skip
+                        if self.verifier(self.decode(r), p.answer)]  # fmt: skip
                 log.info("lrkd: %d of %d teacher responses are correct; training on those",
                          len(keep), len(problems))  # fmt: skip
                 if not keep:
@@ -453,148 +441,18 @@ class DistillDataModule(LightningDataModule):
                     self._teacher_prompts["train"] = [self._teacher_prompts["train"][i]
                                                       for i in keep]  # fmt: skip
                 responses = [responses[i] for i in keep]
+                self._responses["train"] = list(responses)
                 self._derived = None
-            self._datasets[split] = _Examples(
+            self._examples[split] = _Examples(
                 self._prompts[split], responses, self.seq_length,
                 self._teacher_prompts.get(split),
             )  # fmt: skip
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def _responses(self, split: str, problems: list[Problem]) -> list[list[int]]:
-        """Response token ids (ending with EOS when complete) for every problem of a split."""
-        responses: list[list[int] | None] = [None] * len(problems)
-        if self.teacher_responses != "generate":
-            for i, problem in enumerate(problems):
-                if problem.response is not None:
-                    responses[i] = response_token_ids(self.tokenizer, problem.response)
-        missing = [i for i, r in enumerate(responses) if r is None]
-        if missing and self.teacher_responses == "dataset":
-            raise ValueError(
-                f"data.teacher_responses=dataset, but {len(missing)} {split} problems have no "
-                f"response (first: id {problems[missing[0]].id!r}); add responses or set "
-                "data.teacher_responses to auto or generate."
-            )
-        if missing:
-            prompts = self._teacher_prompts.get(split) or self._prompts[split]
-            generated = self._generate_responses(
-                split, [problems[i] for i in missing], [prompts[i] for i in missing]
-            )
-            for i, ids in zip(missing, generated, strict=True):
-                responses[i] = ids
-        if split == "val" and missing and self.trainer is not None:
-            solved = [self.verifier(self._decode(responses[i]), problems[i].answer)
-                      for i in missing]  # fmt: skip
-            self.teacher_pass_at_1 = sum(solved) / len(solved)
-        return [r for r in responses if r is not None]
-
-    def _generate_responses(
-        self, split: str, problems: list[Problem], prompts: list[list[int]]
-    ) -> list[list[int]]:
-        teacher, _ = self._models()
-        settings = {**self.teacher_generation, "seed": self.seed}
-        path = self._cache_path(teacher, problems, prompts, settings)
-        if path.is_file():
-            cached = [json.loads(line) for line in path.read_text().splitlines()]
-            if [c["id"] for c in cached] == [p.id for p in problems]:
-                log.info("lrkd: %d %s teacher responses from %s", len(cached), split, path)
-                return [c["ids"] for c in cached]
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
-        model = generation_model(teacher)  # sharded (FSDP2): an unsharded copy on every rank
-        with trainer.precision_plugin.forward_context():
-            rollouts = generate(
-                model,
-                prompts[rank::world],
-                num_samples=1,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                batch_size=self.rollout["batch_size"],
-                keys=[p.id for p in problems[rank::world]],
-                progress=f"teacher responses ({split})" if rank == 0 else False,
-                **settings,
-            )
-        del model
-        mine = [c[0] for c in rollouts.completion_ids]
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, mine)
-            ids = [gathered[i % world][i // world] for i in range(len(problems))]
-        else:
-            ids = mine
-        if rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps({"id": p.id, "ids": r}) + "\n"
-                                   for p, r in zip(problems, ids, strict=True)))  # fmt: skip
-            tmp.replace(path)
-            log.info("lrkd: cached %d %s teacher responses at %s", len(ids), split, path)
-        return ids
-
-    def _cache_path(
-        self, teacher: nn.Module, problems: list[Problem], prompts: list[list[int]],
-        settings: dict[str, Any],
-    ) -> Path:  # fmt: skip
-        digest = hashlib.sha256()
-        digest.update(_fingerprint(teacher).encode())
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        digest.update(str(self.tokenizer.eos_token_id).encode())
-        for problem, prompt in zip(problems, prompts, strict=True):
-            digest.update(f"{problem.id}\0{prompt}\0".encode())
-        root = self.response_cache_dir
-        if root is None:
-            from lrkd.models.zoo import cache_dir
-
-            root = str(cache_dir() / "responses")
-        return Path(root) / f"teacher-{digest.hexdigest()[:20]}.jsonl"
+    def examples(self, split: str) -> Dataset | None:
+        """The prompt + response examples of ``split`` (after :meth:`build_examples`)."""
+        return self._examples.get(split)
 
     # ---------------------------------------------------------------------------- pacing
-
-    def estimate(self, trainer: Trainer | None = None) -> torch.Tensor:
-        """Estimate the current student's pass rate on every training problem, re-weight, and
-        log the estimate. Returns the pass rates [N] (float64)."""
-        trainer = trainer or self.trainer
-        _, student = self._models()
-        model = generation_model(student)
-        self.rounds += 1
-        problems = self.train_problems
-        with trainer.precision_plugin.forward_context():
-            correct = count_correct(
-                model,
-                self._prompts["train"],
-                [p.answer for p in problems],
-                [p.id for p in problems],
-                self.verifier,
-                self.tokenizer,
-                num_samples=self.num_rollouts,
-                seed=row_seed(self.seed, "estimate", self.rounds),
-                rank=trainer.global_rank,
-                world_size=trainer.world_size,
-                reduce_sum=partial(trainer.strategy.reduce, reduce_op="sum"),
-                progress=f"pass rates (round {self.rounds})" if trainer.is_global_zero else False,
-                **self.rollout,
-            )
-        del model
-        self.set_pass_rates(correct)
-        self.last_estimate = {"step": trainer.global_step, "epoch": trainer.current_epoch}
-        p = pass_rates(correct, self.num_rollouts)
-        log_pacing(
-            trainer.loggers,
-            pass_rate=p,
-            weight=self.relative_weights(),
-            bucket_index=bucketize(p, self.bucket_edges),
-            bucket_labels=bucket_labels(self.bucket_edges),
-            num_samples=self.num_rollouts,
-            cold_start=self.cold_started,
-            round_index=self.rounds,
-            step=trainer.global_step,
-        )
-        frontier = float(((p > 0) & (p < 1)).double().mean())
-        log.info("lrkd: pass rates (round %d): mean %.3f, frontier %.1f%%%s", self.rounds,
-                 float(p.mean()), 100 * frontier,
-                 " (cold start: uniform weights)" if self.cold_started else "")  # fmt: skip
-        return p
 
     def set_pass_rates(self, correct: torch.Tensor) -> None:
         """Set the per-problem correct counts (out of ``num_rollouts``) and re-weight."""
@@ -609,6 +467,16 @@ class DistillDataModule(LightningDataModule):
         self.correct = correct.to(torch.int64).cpu()
         self.weight, self.cold_started = weights.weight, weights.cold_start
         self._derived = None
+
+    def begin_estimate(self) -> int:
+        """Start a new estimate round and return its number (it seeds the round's samples)."""
+        self.rounds += 1
+        return self.rounds
+
+    def record_estimate(self, step: int, epoch: int) -> None:
+        """Note that an estimate round was taken at ``step`` / ``epoch`` (saved in checkpoints;
+        the round number seeds the next round's samples)."""
+        self.last_estimate = {"step": step, "epoch": epoch}
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(support, relative weight, loss weight), derived once per change of the weights."""
@@ -647,51 +515,7 @@ class DistillDataModule(LightningDataModule):
         """The loss weights of a batch's examples, on the batch's device."""
         return self.loss_weights()[problem_index.cpu()].to(problem_index.device)
 
-    # -------------------------------------------------------------------------- evaluation
-
-    def evaluate(self, trainer: Trainer | None = None, stage: str = "val") -> dict[str, float]:
-        """The student's greedy pass@1 and mean sampled pass rate on the held-out problems."""
-        trainer = trainer or self.trainer
-        problems = self.val_problems[: self.val_max_problems]
-        if not problems:
-            return {}
-        _, student = self._models()
-        model = generation_model(student)
-        prompts = self._prompts["val"][: len(problems)]
-        common = {
-            "answers": [p.answer for p in problems],
-            "keys": [p.id for p in problems],
-            "verifier": self.verifier,
-            "tokenizer": self.tokenizer,
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "reduce_sum": partial(trainer.strategy.reduce, reduce_op="sum"),
-            "max_new_tokens": self.rollout["max_new_tokens"],
-            "batch_size": self.rollout["batch_size"],
-        }
-        metrics: dict[str, float] = {}
-        with trainer.precision_plugin.forward_context():
-            greedy = count_correct(model, prompts, num_samples=1, temperature=0.0, **common)
-            metrics[f"{stage}/pass@1"] = float(greedy.double().mean())
-            if self.val_num_rollouts:
-                sampled = count_correct(
-                    model, prompts, num_samples=self.val_num_rollouts,
-                    temperature=self.rollout["temperature"], top_p=self.rollout["top_p"],
-                    seed=row_seed(self.seed, "validate", 0), **common,
-                )  # fmt: skip
-                metrics[f"{stage}/pass_rate"] = float(sampled.double().mean()) / (
-                    self.val_num_rollouts
-                )
-        if stage == "val" and self.teacher_pass_at_1 is not None:
-            metrics["val/pass@1_teacher"] = self.teacher_pass_at_1
-        return metrics
-
     # ------------------------------------------------------------------------- dataloaders
-
-    def training_callbacks(self) -> list[Callback]:
-        """The callbacks that run the pacing during training (added by the
-        DistillationModule itself)."""
-        return [PacingCallback(self)]
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
@@ -706,12 +530,10 @@ class DistillDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Batches drawn by the current pass-rate weights (estimating them first if due)."""
-        self._prepare()
+        """Batches drawn by the current pass-rate weights (the checkpoint's, when resuming)."""
+        self.build_examples()
         restored = self._restored or {}
-        self._apply_restored()
-        if self.estimate_at_start and self.correct is None:
-            self.estimate()
+        self.restore_pass_rates()
         n = self.samples_per_epoch or len(self.train_problems)
         sampler = PacedSampler(self, n, self.seed)
         if self.trainer is not None:
@@ -722,12 +544,12 @@ class DistillDataModule(LightningDataModule):
         ]:  # fmt: skip
             sampler.load_state_dict(restored["sampler"])
         self._sampler = sampler
-        return self._loader(self._datasets["train"], sampler)
+        return self._loader(self._examples["train"], sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out problems with teacher responses (for the divergence)."""
-        self._prepare()
-        dataset = self._datasets.get("val")
+        self.build_examples()
+        dataset = self._examples.get("val")
         return self._loader(dataset, None) if dataset is not None else []
 
     def test_dataloader(self) -> DataLoader | list:
@@ -758,7 +580,9 @@ class DistillDataModule(LightningDataModule):
         self.last_estimate = dict(state_dict.get("last_estimate", self.last_estimate))
         self._restored = state_dict
 
-    def _apply_restored(self) -> None:
+    def restore_pass_rates(self) -> None:
+        """Apply the pass rates of a restored checkpoint (a no-op without one), unless its
+        problems differ from the data's (then they are estimated again)."""
         state, self._restored = self._restored, None
         if state is None or state.get("correct") is None:
             return
@@ -784,20 +608,3 @@ def _check_unique_ids(problems: Sequence[Problem]) -> None:
                 "problems (or twice); ids must be unique."
             )
         seen.add(problem.id)
-
-
-def _fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model: its class, config and a sample of its weights (the same
-    whether the model is sharded by FSDP2 or not; all ranks must call it together then)."""
-    from torch.distributed.tensor import DTensor
-
-    digest = hashlib.sha256(type(model).__name__.removeprefix("FSDP").encode())
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    params = list(model.parameters())
-    for param in params[:2] + params[-2:]:
-        tensor = param.full_tensor() if isinstance(param, DTensor) else param
-        sample = tensor.detach().flatten()[:4096].float().cpu()
-        digest.update(str(param.dtype).encode() + sample.numpy().tobytes())
-    return digest.hexdigest()

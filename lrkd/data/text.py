@@ -102,19 +102,15 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
-def resolve_tokenizer(name: str | None, trainer: Any) -> Any:
-    """The DataModule's tokenizer: loaded from ``name`` (``data.tokenizer``) when given, else
-    the model's (the teacher's, when it was loaded by name)."""
-    if name is not None:
-        return load_tokenizer(name, field="data.tokenizer")
-    module = trainer.lightning_module if trainer is not None else None
-    tokenizer = getattr(module, "tokenizer", None)
-    if tokenizer is None:
+def resolve_tokenizer(name: str | None) -> Any:
+    """The DataModule's tokenizer, loaded from ``name`` (``data.tokenizer``; ``lrkd fit`` sets it
+    to ``model.teacher`` when the teacher is given by name and the config leaves it out)."""
+    if name is None:
         raise ValueError(
-            "data.tokenizer is not set and the model has no tokenizer (the teacher was "
-            "not loaded by name); set data.tokenizer to a tokenizer directory or name."
+            "data.tokenizer is not set: give the teacher's tokenizer (a built-in name, local "
+            "directory or hub id). lrkd fit takes model.teacher when the teacher is given by name."
         )
-    return tokenizer
+    return load_tokenizer(name, field="data.tokenizer")
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
@@ -240,8 +236,8 @@ class TextDataModule(LightningDataModule):
         train_files: ``.txt``, ``.jsonl`` or ``.parquet`` files (see the module docs for the
             record formats). ``None`` uses the built-in corpus.
         val_files: validation files; ``None`` holds out ``val_fraction`` of the training records.
-        tokenizer: a built-in name, local directory or hub id; ``None`` takes the teacher's
-            tokenizer from the DistillationModule.
+        tokenizer: the teacher's tokenizer: a built-in name, local directory or hub id (``lrkd
+            fit`` fills in ``model.teacher`` when it is a name and this is left out).
         seq_length: tokens per packed block, and the truncation length of prompt+response
             examples.
         batch_size: examples per batch (per device).
@@ -294,11 +290,6 @@ class TextDataModule(LightningDataModule):
         self._sampler: ShuffledSampler | None = None
         self._restored_sampler: dict[str, Any] | None = None
 
-    def _resolve_tokenizer(self) -> Any:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        return resolve_tokenizer(self.tokenizer_name, self.trainer)
-
     def _records(self, files: list[str] | None) -> list[dict[str, str]]:
         if files is None:
             return [{"text": doc} for doc in builtin_corpus(self.builtin_documents, self.seed)]
@@ -319,7 +310,7 @@ class TextDataModule(LightningDataModule):
         """Read, tokenise and split the data (once)."""
         if self.train_dataset is not None:
             return
-        self.tokenizer = self._resolve_tokenizer()
+        self.tokenizer = resolve_tokenizer(self.tokenizer_name)
         records = self._records(self.train_files)
         if not records:
             raise ValueError(f"data.train_files {self.train_files} hold no records")

@@ -28,11 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
+from lrkd.data.sampling_settings import check_sampling
 from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
 from lrkd.seeds import row_seed
 
-__all__ = ["Rollouts", "check_sampling", "generate", "generation_model", "sample_tokens"]
+__all__ = ["Rollouts", "generate", "generation_model", "sample_tokens"]
 
 
 @dataclass
@@ -84,20 +85,6 @@ def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Mod
     if is_sharded(model):
         return gathered_copy(model, into=reuse)
     return model
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix: str = "") -> None:
-    """Validate sampling settings; ``prefix`` names them in the error (e.g. ``model.on_policy_``).
-
-    Raises:
-        ValueError: ``max_new_tokens < 1``, ``temperature < 0`` or ``top_p`` outside (0, 1].
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"{prefix}max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0.0:
-        raise ValueError(f"{prefix}temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
 
 
 def sample_tokens(

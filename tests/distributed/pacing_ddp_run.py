@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.distributed import close_process_group
 from lrkd.models.students import FromTeacherConfig
@@ -62,14 +63,14 @@ def main(out_dir: str, devices: int) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[record],
+        callbacks=[record, PassRatePacing()],
     )
     trainer.fit(module, datamodule=datamodule)
     result = {
         "rounds": record.rounds,
         "teacher_responses": [
-            datamodule._datasets["train"][i]["input_ids"].tolist()
-            for i in range(len(datamodule._datasets["train"]))
+            datamodule.examples("train")[i]["input_ids"].tolist()
+            for i in range(len(datamodule.examples("train")))
         ],
         "student_checksum": float(sum(p.double().sum() for p in module.student.parameters())),
     }

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.distributed import close_process_group
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -53,8 +54,9 @@ def fit(out: Path, teacher_dir: Path, mode: str, run: str, max_steps: int,
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, limit_val_batches=0,
         logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[record, ModelCheckpoint(dirpath=out / f"{mode}_{run}_ckpt", save_top_k=-1,
-                                           every_n_train_steps=1, filename="{step}")],
+        callbacks=[record, PassRatePacing(),
+                   ModelCheckpoint(dirpath=out / f"{mode}_{run}_ckpt", save_top_k=-1,
+                                   every_n_train_steps=1, filename="{step}")],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     path = out / f"{mode}_{run}_rank{trainer.global_rank}.json"

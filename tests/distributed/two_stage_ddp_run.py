@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 
 from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.distributed import FSDP2Strategy, close_process_group
 from lrkd.models.lowrank import LowRankCloneBuilder
@@ -82,6 +83,7 @@ def main(
         enable_model_summary=False,
         callbacks=[
             TwoStageKL(switch_step=SWITCH_STEP, second_lr_scale=0.5),
+            PassRatePacing(),
             record,
             ModelCheckpoint(dirpath=out / name / "ckpt", every_n_train_steps=1, save_top_k=-1,
                             filename="{step}"),

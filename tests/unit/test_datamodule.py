@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_paced_datamodule
 from lightning.pytorch import Trainer
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule, PacedSampler
 from lrkd.data.problems import Problem, write_problems
 from lrkd.models.students import FromTeacherConfig
@@ -45,6 +46,7 @@ def _trainer(tmp_path, **kwargs) -> Trainer:
         default_root_dir=str(tmp_path),
     )  # fmt: skip
     args.update(kwargs)
+    args.setdefault("callbacks", [PassRatePacing()])
     return Trainer(**args)
 
 
@@ -183,7 +185,8 @@ def test_validation_reports_pass_rates_and_teacher_responses_are_cached(
         assert name in metrics, name
         assert 0.0 <= float(metrics[name]) <= (1.0 if "pass" in name else 100.0)
     # pass@1 by hand: greedy answers of the student on the held-out problems
-    reference = dm.evaluate(trainer)
+    pacing = next(c for c in trainer.callbacks if isinstance(c, PassRatePacing))
+    reference = pacing.evaluate(trainer, trainer.lightning_module)
     assert float(metrics["val/pass@1"]) == pytest.approx(reference["val/pass@1"])
 
     cached = sorted((tmp_path / "cache").glob("teacher-*.jsonl"))
@@ -197,8 +200,8 @@ def test_validation_reports_pass_rates_and_teacher_responses_are_cached(
         _module(tiny_teacher_dir), datamodule=again
     )
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not regenerated
-    first = again._datasets["train"][0]
-    assert torch.equal(first["input_ids"], dm._datasets["train"][0]["input_ids"])
+    first = again.examples("train")[0]
+    assert torch.equal(first["input_ids"], dm.examples("train")[0]["input_ids"])
 
 
 def test_dataset_responses_are_used_and_required(tmp_path, tiny_teacher_dir) -> None:
@@ -211,7 +214,7 @@ def test_dataset_responses_are_used_and_required(tmp_path, tiny_teacher_dir) -> 
         _module(tiny_teacher_dir), datamodule=dm
     )
     assert not (tmp_path / "cache").exists()
-    example = dm._datasets["train"][0]
+    example = dm.examples("train")[0]
     tok = dm.tokenizer
     response = tok.decode(example["input_ids"][example["loss_mask"].bool()],
                           skip_special_tokens=True)  # fmt: skip
@@ -234,9 +237,7 @@ def test_pacing_state_survives_a_checkpoint(tmp_path, tiny_teacher_dir) -> None:
     state = dm.state_dict()
     fresh = _datamodule(tmp_path, tiny_teacher_dir)
     fresh.load_state_dict(state)
-    fresh.trainer = dm.trainer
     fresh.setup()
-    fresh._prepare()
-    fresh._apply_restored()
+    fresh.restore_pass_rates()
     assert fresh.rounds == dm.rounds == 1
     torch.testing.assert_close(fresh.loss_weights(), dm.loss_weights())

@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM
 
 from lrkd.callbacks.export import export_student
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.generation.sampling import generation_model
 from lrkd.models.lowrank import LowRankClone
 from lrkd.models.protocols import (
@@ -59,7 +60,7 @@ def test_custom_materializable_student_trains_samples_and_exports(
                                 on_policy_fraction=1.0, on_policy_max_new_tokens=4)  # fmt: skip
     datamodule = tiny_paced_datamodule(tiny_teacher_dir, tmp_path / "cache", weighting="uniform")
     Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, limit_val_batches=0,
+            enable_progress_bar=False, limit_val_batches=0, callbacks=[PassRatePacing()],
             default_root_dir=tmp_path).fit(module, datamodule=datamodule)  # fmt: skip
     # Sampling (pass rates, on-policy steps) ran on the materialised plain model.
     plain = generation_model(student)

@@ -4,14 +4,12 @@ sequence, checked against a by-hand float64 computation on tiny models."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama, tiny_paced_datamodule
 
-from lrkd.data.text import pad_collate, prompt_response_example, teacher_view
+from lrkd.data.text import pad_collate, prompt_response_example, response_token_ids, teacher_view
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import TeacherCopy
 from lrkd.module import DistillationModule
@@ -164,13 +162,15 @@ def test_datamodule_builds_teacher_views_with_the_same_responses(tmp_path, tiny_
     template = "Worked example: 1 + 1 = 2.</s>\nQ: {prompt} (answer {answer})\nA:"
     dm = tiny_paced_datamodule(
         tiny_teacher_dir, tmp_path / "cache", teacher_prompt_template=template,
-        teacher_responses="dataset", estimate_at_start=False,
+        estimate_at_start=False,
     )  # fmt: skip
     dm.setup()
-    dm.train_problems = [replace(p, response=f" {p.answer}") for p in dm.train_problems]
-    dm.val_problems = [replace(p, response=f" {p.answer}") for p in dm.val_problems]
-    dm._prepare()
-    example = dm._datasets["train"][0]
+    for split in ("train", "val"):
+        problems = dm.problems(split)
+        answers = [response_token_ids(dm.tokenizer, f" {p.answer}") for p in problems]
+        dm.set_responses(split, range(len(problems)), answers)
+    dm.build_examples()
+    example = dm.examples("train")[0]
     problem = dm.train_problems[0]
     teacher_prompt = example["teacher_input_ids"][example["teacher_loss_mask"] == 0]
     assert (teacher_prompt == dm.tokenizer.eos_token_id).sum() == 1

@@ -16,6 +16,7 @@ from lrkd.callbacks.diagnostics import (
     RepresentationDiagnostics,
     bar_image,
 )
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.text import TextDataModule
 from lrkd.diagnostics.rank import spectral_tail
 from lrkd.diagnostics.representation import linear_cka
@@ -138,7 +139,7 @@ def test_gradient_snr_by_pass_rate_matches_per_problem_gradients(
     counts = torch.tensor([0, 1, 2, 3, 4, 0] * 3)  # K = 4: every bucket populated
     dm.set_pass_rates(counts)
     callback = GradientSNRByPassRate(problems_per_bucket=3, seed=5)
-    trainer = _trainer(tmp_path, [callback], max_steps=1)
+    trainer = _trainer(tmp_path, [callback, PassRatePacing()], max_steps=1)
     trainer.fit(module, datamodule=dm)
     measured_at_start = callback.last
     assert measured_at_start, "measured before the first step"
@@ -165,7 +166,7 @@ def test_gradient_snr_by_pass_rate_matches_per_problem_gradients(
         compared += 1
         grads = []
         for index in chosen:
-            batch = pad_collate([dm._datasets["train"][index]], pad_token_id=3)
+            batch = pad_collate([dm.examples("train")[index]], pad_token_id=3)
             loss = module2.distillation_loss(batch)["loss"]
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
         expected = gradient_snr(torch.stack(grads).double())
