@@ -323,7 +323,8 @@ class DistillDataModule(LightningDataModule):
         dataset's own responses (once)."""
         if self.train_problems:
             return
-        self.tokenizer = resolve_tokenizer(self.tokenizer_name)
+        if self.tokenizer is None:  # a tokenizer object may be set before setup
+            self.tokenizer = resolve_tokenizer(self.tokenizer_name)
         if self.train_files:
             problems = [p for f in self.train_files for p in read_problems(f)]
         else:

@@ -310,7 +310,8 @@ class TextDataModule(LightningDataModule):
         """Read, tokenise and split the data (once)."""
         if self.train_dataset is not None:
             return
-        self.tokenizer = resolve_tokenizer(self.tokenizer_name)
+        if self.tokenizer is None:  # a tokenizer object may be set before setup
+            self.tokenizer = resolve_tokenizer(self.tokenizer_name)
         records = self._records(self.train_files)
         if not records:
             raise ValueError(f"data.train_files {self.train_files} hold no records")

@@ -440,7 +440,9 @@ def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teac
         max_steps=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
     )  # fmt: skip
-    trainer.fit(module, TextDataModule(seq_length=32, batch_size=2, builtin_documents=100))
+    data = TextDataModule(tokenizer=str(tiny_teacher_dir), seq_length=32, batch_size=2,
+                          builtin_documents=100)  # fmt: skip
+    trainer.fit(module, data)
     assert trainer.global_step == 3
     assert len(keys) == 3  # six micro-batches, three optimizer steps, three generations
     for name, value in clone.state_dict().items():

@@ -13,6 +13,7 @@ from conftest import tiny_paced_datamodule
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import PacedSampler
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -48,8 +49,9 @@ def _fit(
         accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate,
         limit_val_batches=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(root),
-        callbacks=[batches, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1,
-                                            save_top_k=-1, filename="{step}")],
+        callbacks=[batches, PassRatePacing(),
+                   ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                   filename="{step}")],
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
