@@ -218,6 +218,45 @@ def _rank_main(argv: list[str]) -> RankReport:
     return rank(**parser.parse_args(argv).as_dict())
 
 
+def expand_extends(argv: list[str]) -> list[str]:
+    """``--config FILE`` whose YAML begins with ``extends: OTHER.yaml`` (a path relative to
+    FILE) becomes ``--config OTHER.yaml --config <FILE without that key>``, recursively, so an
+    overlay config sets only what differs from its base and the later values win (see
+    configs/paced/)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            out += _expanded_config(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            out += _expanded_config(arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _expanded_config(value: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    import yaml
+
+    path = Path(value)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        return ["--config", value]
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict) or "extends" not in content:
+        return ["--config", value]
+    base = (path.parent / str(content.pop("extends"))).resolve()
+    if base in seen or base == path.resolve():
+        raise ValueError(f"--config {value}: `extends` goes round in a circle through {base}.")
+    if not base.is_file():
+        raise FileNotFoundError(f"--config {value}: extends {base}, which does not exist.")
+    rest = ["--config", yaml.safe_dump(content)] if content else []
+    return _expanded_config(str(base), (*seen, path.resolve())) + rest
+
+
 SUBCOMMANDS: dict[str, str] = {
     "fit": "train a student (LightningCLI; --config FILE, --print_config, --help)",
     "validate": "run the validation loop on a checkpoint (--ckpt_path)",
@@ -288,7 +327,7 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision()},
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=expand_extends(argv) if isinstance(argv, list) else args,
     )
 
 

@@ -1,5 +1,6 @@
-"""The shipped configs parse against the current signatures, and the PACED family differs only
-where its names say (schedule x weighting)."""
+"""The shipped configs parse against the current signatures, the PACED family is a base plus
+small overlays (``extends``), and its members differ only where their names say (schedule x
+weighting)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,46 @@ def test_strategy_config_combines_with_a_run_config(path: Path, capsys) -> None:
         module, name = strategy["class_path"].rsplit(".", 1)
         cls = getattr(importlib.import_module(module), name)
         assert cls(**strategy.get("init_args", {})) is not None  # the arguments are accepted
+
+
+def _settings(path: Path) -> list[str]:
+    """The lines of a config that set something (no comments, no blank lines)."""
+    lines = path.read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (CONFIGS / "paced").glob("*.yaml") if p.stem != "base"),
+    ids=lambda p: p.stem,
+)  # fmt: skip
+def test_paced_configs_are_small_overlays_of_the_base(path: Path) -> None:
+    content = yaml.safe_load(path.read_text())
+    assert content["extends"] in {"base.yaml", "reverse_kl_paced.yaml", "two_stage_paced.yaml"}
+    # A few lines each (the self-distillation overlay carries a 13-line teacher template).
+    assert len(_settings(path)) <= (45 if path.stem == "self_distill_paced" else 25)
+
+
+def test_extends_reads_the_base_first_and_refuses_loops(tmp_path, capsys) -> None:
+    from lrkd.cli import expand_extends
+
+    base = tmp_path / "base.yaml"
+    base.write_text((CONFIGS / "paced" / "base.yaml").read_text())
+    over = tmp_path / "over.yaml"
+    over.write_text("extends: base.yaml\nmodel:\n  divergence: tvd\n")
+    args = expand_extends(["fit", "--config", str(over)])
+    assert args[:3] == ["fit", "--config", str(base.resolve())]
+    assert yaml.safe_load(args[4]) == {"model": {"divergence": "tvd"}}
+    config = _resolved(over, capsys)
+    assert config["model"]["divergence"] == "tvd"
+    assert config["data"]["init_args"]["num_problems"] == 128  # from the base
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="circle"):
+        expand_extends(["fit", "--config", str(loop)])
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.yaml"):
+        expand_extends(["fit", f"--config={missing}"])
 
 
 def _normalised(config: dict) -> dict:
