@@ -24,44 +24,24 @@ from lrkd.generation.on_policy import OnPolicySampler, response_stats
 from lrkd.models.paired_forward import run_pair, supports_hidden_path
 from lrkd.models.protocols import ActivationCheckpointing, CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits
-from lrkd.models.teachers import exclude_from_state_dict, freeze, load_teacher, load_tokenizer
+from lrkd.models.teachers import check_teacher_dtype, exclude_from_state_dict, frozen_teacher
 from lrkd.objective import DistillationObjective, Targets, shared_vocab_size
 
 log = logging.getLogger("lrkd")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DistillationModule(LightningModule):
     """Distil a frozen teacher into a trainable student.
 
-    Each step runs the teacher (no grad, eval mode) and the student on the same tokens and
-    minimises ``kd_weight * D(teacher, student) + ce_weight * CE(student, next token)``, where D
-    is the chosen divergence at ``temperature`` and both terms are taken on the positions the
-    batch's ``loss_mask`` selects. An example's divergence is multiplied by its ``weight`` when
-    the batch carries one (pass-rate pacing): the divergence term of a batch is
-    ``sum_i w_i * sum_t D_it / sum_it mask_it``, so weights with mean 1 keep the scale of
-    unweighted distillation (:class:`lrkd.data.datamodule.DistillDataModule` normalises them
-    so).
-
-    Batches are dicts with ``input_ids`` [B, L], ``attention_mask`` [B, L], ``loss_mask`` [B, L]
-    (1 where the token is a training target, i.e. its prediction from the previous position
-    counts) and optionally ``weight`` [B]. When the teacher sees a different prompt over the
-    same responses (privileged context, ``data.teacher_prompt_template``), they also carry
-    ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_loss_mask`` [B, L_T]: the
-    teacher runs on its own sequence and the divergence pairs the k-th target position of each
-    row in both sequences (their target tokens must be equal; a LowRankClone, which co-runs
-    the teacher on the student's tokens, refuses them).
-
-    **On-policy steps** (GKD, Agarwal et al. 2024): a share ``on_policy_fraction`` of the
-    training batches is replaced by the student's own completions of the batch's prompts (the
-    tokens before each row's first target). The student samples one completion per prompt
-    without gradients; teacher and student then score prompt + completion, and the divergence is
-    taken on the generated tokens only (including the EOS the student wrote, never the prompt or
-    the padding). Gradients flow through the student's scoring forward only, not through the
-    sampling, as in GKD and TRL's GKDTrainer. The batch's ``weight`` (the PACED weight) still
-    multiplies each row. With ``divergence: reverse_kl`` this is on-policy reverse KL;
-    :class:`lrkd.callbacks.two_stage.TwoStageKL` switches to it partway through training.
+    Each step runs the teacher (no grad, eval mode) and the student on the batch and minimises
+    ``kd_weight * D + ce_weight * CE + clone_weight * clone`` on the target tokens the batch's
+    ``loss_mask`` selects, each example's divergence multiplied by its ``weight`` (PACED); see
+    :mod:`lrkd.objective` for the terms, the batch format and a teacher prompt of its own
+    (``teacher_*`` keys). A share ``on_policy_fraction`` of the training batches is replaced by
+    the student's own completions of their prompts, scored by both models (GKD;
+    :class:`lrkd.generation.on_policy.OnPolicySampler`); with ``divergence: reverse_kl`` that is
+    on-policy reverse KL, and :class:`lrkd.callbacks.two_stage.TwoStageKL` switches to it
+    partway through training.
 
     The teacher's weights are not stored in checkpoints (they are reloaded from ``teacher``).
 
@@ -145,10 +125,7 @@ class DistillationModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if teacher_dtype not in (*_DTYPES, "auto"):
-            raise ValueError(
-                f"model.teacher_dtype={teacher_dtype!r}; choose auto, {', '.join(_DTYPES)}."
-            )
+        check_teacher_dtype(teacher_dtype)
         # Settings are checked before the models are loaded (a bad value fails in a second).
         self.objective = DistillationObjective(
             divergence, temperature, scale_by_temperature_squared, kd_weight, ce_weight,
@@ -169,17 +146,7 @@ class DistillationModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
-        self.tokenizer: Any = None
-        if isinstance(teacher, str):
-            dtype = _DTYPES.get(teacher_dtype)
-            if teacher_dtype == "auto":
-                cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-                dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-            teacher = load_teacher(teacher, dtype=dtype)
-            self.tokenizer = load_tokenizer(self.hparams.teacher, field="model.teacher")
-        elif teacher_dtype in _DTYPES:
-            teacher = teacher.to(_DTYPES[teacher_dtype])
-        self.teacher = freeze(teacher)
+        self.teacher, self.tokenizer = frozen_teacher(teacher, teacher_dtype)
         # The frozen teacher's weights are reloaded from ``teacher``, never saved: its keys are
         # left out of this module's state_dict (so of every checkpoint, full or sharded) and
         # not expected when loading one.

@@ -107,3 +107,36 @@ def load_tokenizer(name_or_path: str, field: str = "tokenizer") -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TEACHER_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}  # fmt: skip
+
+
+def check_teacher_dtype(name: str) -> None:
+    """Raise unless ``name`` is ``auto`` or one of :data:`TEACHER_DTYPES`."""
+    if name not in (*TEACHER_DTYPES, "auto"):
+        raise ValueError(f"model.teacher_dtype={name!r}; choose auto, {', '.join(TEACHER_DTYPES)}.")
+
+
+def frozen_teacher(teacher: str | nn.Module, dtype: str = "auto") -> tuple[nn.Module, Any]:
+    """The frozen teacher in ``dtype`` and its tokenizer (``None`` for a module given as is).
+
+    Args:
+        teacher: a built-in name, local directory or hub id, or a causal LM ``nn.Module``.
+        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` (bfloat16 on a GPU that
+            supports it, else float32); a module keeps its dtype under ``auto``.
+    """
+    check_teacher_dtype(dtype)
+    tokenizer: Any = None
+    if isinstance(teacher, str):
+        torch_dtype = TEACHER_DTYPES.get(dtype)
+        if dtype == "auto":
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            torch_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        tokenizer = load_tokenizer(teacher, field="model.teacher")
+        teacher = load_teacher(teacher, dtype=torch_dtype)
+    elif dtype in TEACHER_DTYPES:
+        teacher = teacher.to(TEACHER_DTYPES[dtype])
+    return freeze(teacher), tokenizer
