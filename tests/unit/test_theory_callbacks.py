@@ -65,7 +65,7 @@ def test_representation_diagnostics_match_a_hand_computation(
     trainer = _trainer(tmp_path, [callback])
     trainer.fit(module, datamodule=_text_data(tiny_teacher_dir))
     last = callback.last
-    assert callback._last_step == 4  # evaluated at the start and at steps 2 and 4
+    assert callback.last_step == 4  # evaluated at the start and at steps 2 and 4
 
     batch = callback.probe(trainer, torch.device("cpu"))
     real = batch["attention_mask"].bool()
