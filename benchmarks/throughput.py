@@ -570,7 +570,7 @@ def lrkd_step_fn(
         "student": module.student,
     }
     if kind == "lrc":  # G counted on the clone's own list of generated tensors
-        specs = module.student._all_specs()
+        specs = module.student.generated_tensors()
         facts["generation_flops_counted"] = sum(
             2 * spec.teacher().numel() * shape.student_hidden
             for spec in specs
@@ -721,12 +721,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache_keys = []
+    generations = []  # a LowRankClone's count of weight generations after each step
     losses = []
     start = time.perf_counter()
     for _ in range(args.steps):
         losses.append(step())
-        cache_keys.append(getattr(student, "_cache_key", None))
+        if kind == "lrc":
+            generations.append(sum(spec.generations for spec in student.generated_tensors()))
     synchronize(device)
     elapsed = time.perf_counter() - start
 
@@ -754,7 +755,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         **facts,
     }
     if kind == "lrc":  # cache_weights: new projections every step, so new weights every step
-        result["weights_generated_every_step"] = len(set(cache_keys)) == args.steps
+        result["weights_generated_every_step"] = len(set(generations)) == args.steps
     return result
 
 

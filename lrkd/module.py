@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lrkd._compat import attached_trainer, instantiated_by_cli
+from lrkd.data.probe import probe_batch
 from lrkd.data.text import teacher_view
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.generation.on_policy import OnPolicySampler, response_stats
@@ -151,7 +152,7 @@ class DistillationModule(LightningModule):
         # left out of this module's state_dict (so of every checkpoint, full or sharded) and
         # not expected when loading one.
         exclude_from_state_dict(self, ("teacher",))
-        self.student = student(self.teacher) if isinstance(student, StudentBuilder) else student
+        self.student = _build_student(student, self.teacher, self.tokenizer)
         for model in (self.teacher, self.student):
             if getattr(getattr(model, "config", None), "use_cache", None):
                 model.config.use_cache = False  # no KV cache while training
@@ -357,3 +358,46 @@ def _enable_activation_checkpointing(student: nn.Module) -> None:
             f"model.activation_checkpointing: the student ({type(student).__name__}) has no "
             "gradient_checkpointing_enable(); checkpoint its layers in its own forward instead."
         )
+
+
+def _build_student(
+    student: nn.Module | StudentBuilder, teacher: nn.Module, tokenizer: Any
+) -> nn.Module:
+    """The student: ``student`` itself, or what the builder ``student`` builds for ``teacher``
+    (called with the probe batch it requests, if any: :meth:`StudentBuilder.probe_request`).
+
+    Args:
+        student: a student module or a student builder.
+        teacher: the frozen teacher.
+        tokenizer: the teacher's tokenizer when the module loaded it, else ``None`` (then a
+            requested probe is tokenised with the tokenizer of the teacher's ``name_or_path``).
+
+    Returns:
+        The student.
+
+    Raises:
+        ValueError: the builder requests a probe and no tokenizer can be found for the teacher.
+    """
+    if not isinstance(student, StudentBuilder):
+        return student
+    request = student.probe_request()
+    if request is None:
+        return student(teacher)
+    texts, n_tokens = request
+    if tokenizer is None:
+        source = getattr(teacher, "name_or_path", None)
+        try:
+            if not source:
+                raise ValueError("the teacher has no name_or_path")
+            tokenizer = load_tokenizer(source, field="model.teacher")
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"model.student: {type(student).__name__} requests a probe batch (e.g. "
+                "init: activation_pca) tokenised with the teacher's tokenizer, but none could "
+                f"be loaded from the teacher's name_or_path {source!r} ({err}). Give "
+                "model.teacher by name (a built-in name, model directory or hub id), or build "
+                "the student in Python with probe_input_ids (LowRankClone(teacher, ..., "
+                "probe_input_ids=lrkd.data.probe.probe_batch(tokenizer))), or use "
+                "init: embedding_pca."
+            ) from err
+    return student(teacher, probe_input_ids=probe_batch(tokenizer, texts, n_tokens))

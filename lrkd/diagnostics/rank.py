@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lrkd.data.probe import probe_batch
 from lrkd.diagnostics.representation import layer_outputs
+from lrkd.models.teachers import load_tokenizer
 
 DEFAULT_C: float = 0.01
 """The constant in r* = c * sqrt(n) (n in training tokens). The theory gives only the order
@@ -244,7 +247,8 @@ def rank_report(
         widths: the widths to tabulate, each in [1, d_T]; ``None`` takes
             :func:`default_widths`. The suggested width is always added.
         probe_input_ids: [B, L] probe token ids (every token counts); ``None`` tokenises the
-            built-in corpus with the teacher's tokenizer.
+            built-in corpus with the teacher's tokenizer (:func:`lrkd.data.probe.probe_batch`),
+            loaded from the teacher's ``name_or_path``.
         probe_tokens: about how many built-in probe tokens to use when ``probe_input_ids`` is
             ``None`` (packed in rows of 256).
 
@@ -252,7 +256,8 @@ def rank_report(
         The :class:`RankReport`.
 
     Raises:
-        ValueError: if ``num_tokens`` or ``c`` is not positive, or a width is outside [1, d_T].
+        ValueError: if ``num_tokens`` or ``c`` is not positive, a width is outside [1, d_T], or
+            no ``probe_input_ids`` are given and the teacher's tokenizer cannot be loaded.
     """
     d_t = int(teacher.config.hidden_size)
     heads = int(teacher.config.num_attention_heads)
@@ -267,9 +272,7 @@ def rank_report(
         )
     widths = sorted({int(w) for w in widths} | {suggested_width})
     if probe_input_ids is None:
-        from lrkd.models.lowrank import _probe_batch
-
-        probe_input_ids = _probe_batch(teacher, None, probe_tokens)
+        probe_input_ids = probe_batch(_teacher_tokenizer(teacher), n_tokens=probe_tokens)
     layers = teacher_hidden_states(teacher, probe_input_ids)
     tails = torch.stack([spectral_tail(h, widths) for h in layers])  # [layers, widths]
     rows = [
@@ -292,3 +295,24 @@ def rank_report(
         probe_tokens=int(layers[0].shape[0]),
         rows=rows,
     )
+
+
+def _teacher_tokenizer(teacher: nn.Module) -> Any:
+    """The tokenizer of the teacher's ``name_or_path`` (for the built-in probe).
+
+    Raises:
+        ValueError: the teacher has no ``name_or_path`` or its tokenizer cannot be loaded.
+    """
+    source = getattr(teacher, "name_or_path", None) or getattr(
+        getattr(teacher, "config", None), "name_or_path", None
+    )
+    try:
+        if not source:
+            raise ValueError("the teacher has no name_or_path")
+        return load_tokenizer(source, field="teacher")
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            "rank_report: the probe needs the teacher's tokenizer, but none could be loaded "
+            f"from the teacher's name_or_path {source!r} ({err}). Give probe_input_ids (e.g. "
+            "lrkd.data.probe.probe_batch(tokenizer, n_tokens=4096))."
+        ) from err

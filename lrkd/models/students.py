@@ -11,7 +11,8 @@ to next-token logits [B, L, V], either as a tensor or as an object with a ``.log
 
 A student that must see the teacher to be built (a smaller copy of its architecture, or the
 low-rank clone) is given as a :class:`StudentBuilder`: the DistillationModule calls it with the
-loaded teacher.
+loaded teacher, and with a probe batch of token ids when the builder requests one
+(:meth:`StudentBuilder.probe_request`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,26 @@ from lrkd._compat import derived_config
 
 
 class StudentBuilder:
-    """Builds a student from the frozen teacher. Subclass it and implement ``__call__``."""
+    """Builds a student from the frozen teacher. Subclass it and implement ``__call__``.
+
+    A builder that needs to see the teacher run on some text (e.g. an activation-based
+    initialisation) says so by returning a request from :meth:`probe_request`; it is then
+    called as ``builder(teacher, probe_input_ids=ids)``, where ``ids`` are the requested texts
+    tokenised with the teacher's tokenizer (lrkd's ``data.probe.probe_batch``). A builder
+    that requests nothing (the default) is called as ``builder(teacher)``, so a
+    ``__call__(self, teacher)`` is all it needs.
+    """
+
+    def probe_request(self) -> tuple[list[str] | None, int] | None:
+        """The probe batch this builder needs, if any.
+
+        Returns:
+            ``None`` (the default): no probe; the builder is called as ``builder(teacher)``.
+            Otherwise ``(texts, n_tokens)``: the texts to tokenise (``None``: the built-in
+            corpus) and about how many tokens to keep; the builder is then called as
+            ``builder(teacher, probe_input_ids=ids)`` with ids [rows, 256].
+        """
+        return None
 
     def __call__(self, teacher: nn.Module) -> nn.Module:
         """Return a new trainable student for ``teacher``."""

@@ -102,11 +102,13 @@ def test_cli_fit_with_real_teacher(tmp_path) -> None:
 def test_low_rank_clone_of_the_real_teacher_matches_its_export(module: DistillationModule) -> None:
     """LRC parity on SmolLM2: clone logits vs the exported Llama's, fp32, padded batch; greedy
     generation identical; teacher logits from the co-run equal the teacher's own forward."""
+    from lrkd.data.probe import probe_batch
     from lrkd.models.lowrank import LowRankClone
 
     teacher = module.teacher
-    clone = LowRankClone(teacher, hidden_size=90, init="activation_pca", probe_tokens=1024)
     tokenizer = module.tokenizer
+    probe = probe_batch(tokenizer, n_tokens=1024)
+    clone = LowRankClone(teacher, hidden_size=90, init="activation_pca", probe_input_ids=probe)
     texts = ["The capital of France is", "Question: What is 7 + 5?\nAnswer:"]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB, make_tiny_llama, tiny_config_fields
 
-from lrkd.models import lowrank
+from lrkd.data.probe import probe_batch
 from lrkd.models.lowrank import CLONE_TERMS, LowRankClone, LowRankCloneBuilder
+from lrkd.models.teachers import load_teacher, load_tokenizer
 
 
 def _common(**overrides):
@@ -226,27 +227,26 @@ def _grads(clone: LowRankClone) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None}
 
 
-def test_cached_weights_give_the_same_gradients_over_micro_batches(monkeypatch) -> None:
+def _generations(clone: LowRankClone) -> dict[str, int]:
+    """How often each generated tensor has been made, by exported name."""
+    return {spec.name: spec.generations for spec in clone.generated_tensors()}
+
+
+def test_cached_weights_give_the_same_gradients_over_micro_batches() -> None:
     teacher = make_teacher("llama", tied=False)
     batches = [_batch(10), _batch(11)]
     results = []
-    real_generate = lowrank._generate
-    generations = {}
-
-    def counting(spec, *args):
-        generations[spec.name] = generations.get(spec.name, 0) + 1
-        return real_generate(spec, *args)
-
-    monkeypatch.setattr(lowrank, "_generate", counting)
     for cache in (False, True):
         clone = LowRankClone(teacher, hidden_size=32, init_std=0.1, seed=4, cache_weights=cache)
-        generations.clear()
+        assert set(_generations(clone).values()) == {0}
         for ids, mask in batches:  # two micro-batches, one optimizer step
             out = clone(ids, mask, with_teacher=True)
             loss = F.log_softmax(out.logits, -1)[..., 7].mean() + sum(out.clone_losses.values())
             loss.backward()
         clone.flush_weight_grads()
         # How often each generated tensor was made: every forward, or once per step.
+        generations = _generations(clone)
+        assert len(generations) == 2 * 7 + 2  # every linear of both layers, embed, head
         assert len(set(generations.values())) == 1, generations
         results.append((_grads(clone), next(iter(generations.values()))))
     (plain, n_plain), (cached, n_cached) = results
@@ -292,7 +292,8 @@ def test_cached_weights_under_bf16_autocast_follow_the_in_graph_path(micro_batch
         clone = LowRankClone(teacher, 32, init_std=0.1, seed=8, cache_weights=cache)
         grads[cache, autocast] = _autocast_step(clone, batches, autocast)
         if cache:
-            assert {w.dtype for w in clone._cache.values() if w.requires_grad} == {torch.bfloat16}
+            cached_weights = clone.cached_weights().values()
+            assert {w.dtype for w in cached_weights if w.requires_grad} == {torch.bfloat16}
     cached, in_graph, fp32 = grads[True, True], grads[False, True], grads[False, False]
     assert cached.keys() == in_graph.keys() == fp32.keys()
     for name in cached:
@@ -370,9 +371,55 @@ def test_informed_inits_start_closer_to_the_teacher_than_random() -> None:
     assert emb < normal
 
 
-def test_activation_pca_without_tokenizer_says_what_to_do() -> None:
-    with pytest.raises(ValueError, match="probe_input_ids"):
-        LowRankClone(make_teacher("llama"), 32, init="activation_pca")
+def test_activation_pca_without_probe_ids_says_what_to_do() -> None:
+    teacher = make_teacher("llama")
+    with pytest.raises(ValueError, match=r"probe_input_ids.*probe_batch.*LowRankCloneBuilder"):
+        LowRankClone(teacher, 32, init="activation_pca")
+    builder = LowRankCloneBuilder(hidden_size=32, init="activation_pca")
+    with pytest.raises(ValueError, match=r"probe_input_ids=.*probe_batch.*embedding_pca"):
+        builder(teacher)
+
+
+def test_builder_requests_a_probe_only_for_activation_pca() -> None:
+    assert LowRankCloneBuilder(hidden_size=32).probe_request() is None
+    assert LowRankCloneBuilder(hidden_size=32, init="embedding_pca").probe_request() is None
+    builder = LowRankCloneBuilder(32, init="activation_pca", probe_texts=["a b"], probe_tokens=99)
+    assert builder.probe_request() == (["a b"], 99)
+    assert LowRankCloneBuilder(32, init="activation_pca").probe_request() == (None, 8192)
+    teacher = make_teacher("llama", tied=False)
+    ids, _ = _batch(6, length=32)
+    built = builder(teacher, probe_input_ids=ids)
+    direct = LowRankClone(teacher, 32, init="activation_pca", probe_input_ids=ids, seed=0)
+    assert built.state_dict().keys() == direct.state_dict().keys()
+    for name, value in direct.state_dict().items():
+        assert torch.equal(built.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("by_name", [True, False])
+def test_distillation_module_builds_the_requested_probe(tiny_teacher_dir, by_name) -> None:
+    """The module tokenises the builder's probe with the teacher's tokenizer: its own (teacher
+    given by name) or the one of the teacher object's name_or_path."""
+    from lrkd.module import DistillationModule
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 4] * 6
+    builder = LowRankCloneBuilder(32, init="activation_pca", probe_texts=texts, probe_tokens=512)
+    teacher = str(tiny_teacher_dir) if by_name else load_teacher(str(tiny_teacher_dir))
+    module = DistillationModule(teacher, builder, clone_weight=0.2)
+    ids = probe_batch(load_tokenizer(str(tiny_teacher_dir)), texts, 512)
+    assert ids.shape == (2, 256)
+    expected = LowRankClone(module.teacher, 32, init="activation_pca", probe_input_ids=ids)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(module.student.state_dict()[name], value), name
+
+
+def test_distillation_module_without_a_teacher_tokenizer_names_the_fix() -> None:
+    from lrkd.module import DistillationModule
+
+    builder = LowRankCloneBuilder(32, init="activation_pca")
+    with pytest.raises(ValueError, match=r"teacher by name.*probe_input_ids.*embedding_pca"):
+        DistillationModule(make_teacher("llama"), builder)  # built from a config: no name
+    plain = DistillationModule(make_teacher("llama"), LowRankCloneBuilder(32, init="embedding_pca"))
+    assert isinstance(plain.student, LowRankClone)
 
 
 def test_errors_name_the_fix() -> None:
@@ -426,16 +473,6 @@ def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teac
     )
     clone = module.student
     before = {k: v.clone() for k, v in clone.state_dict().items()}
-    keys = []
-    real = clone.generated_weights
-
-    def counting():
-        weights = real()
-        if not keys or keys[-1] != clone._cache_key:
-            keys.append(clone._cache_key)
-        return weights
-
-    clone.generated_weights = counting
     trainer = Trainer(
         max_steps=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
@@ -444,6 +481,7 @@ def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teac
                           builtin_documents=100)  # fmt: skip
     trainer.fit(module, data)
     assert trainer.global_step == 3
-    assert len(keys) == 3  # six micro-batches, three optimizer steps, three generations
+    # Six micro-batches, three optimizer steps: every generated tensor was made three times.
+    assert set(_generations(clone).values()) == {3}
     for name, value in clone.state_dict().items():
         assert not torch.equal(value, before[name]), f"{name} did not train"

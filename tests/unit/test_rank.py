@@ -170,6 +170,19 @@ def test_rank_report_errors() -> None:
         rank_report(model, 0, probe_input_ids=probe)
     with pytest.raises(ValueError, match="c="):
         rank_report(model, 1e6, c=-1.0, probe_input_ids=probe)
+    with pytest.raises(ValueError, match=r"tokenizer.*Give probe_input_ids"):
+        rank_report(model, 1e6)  # built from a config: no name_or_path, no tokenizer
+
+
+def test_rank_report_probes_with_the_teachers_tokenizer(tiny_teacher_dir) -> None:
+    from lrkd.data.probe import probe_batch
+    from lrkd.models.teachers import load_teacher, load_tokenizer
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    report = rank_report(teacher, 1e6, widths=[16], probe_tokens=512)
+    probe = probe_batch(load_tokenizer(str(tiny_teacher_dir)), n_tokens=512)
+    given = rank_report(teacher, 1e6, widths=[16], probe_input_ids=probe)
+    assert report == given
 
 
 def test_lrkd_rank_prints_the_table(tiny_teacher_dir, capsys) -> None:
