@@ -25,7 +25,12 @@ from lrkd.generation.on_policy import OnPolicySampler, response_stats
 from lrkd.models.paired_forward import run_pair, supports_hidden_path
 from lrkd.models.protocols import ActivationCheckpointing, CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits
-from lrkd.models.teachers import check_teacher_dtype, exclude_from_state_dict, frozen_teacher
+from lrkd.models.teachers import (
+    check_teacher_dtype,
+    exclude_from_state_dict,
+    frozen_teacher,
+    load_tokenizer,
+)
 from lrkd.objective import DistillationObjective, Targets, shared_vocab_size
 
 log = logging.getLogger("lrkd")

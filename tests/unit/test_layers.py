@@ -36,13 +36,26 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
-def imports(path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
-    """(imported lrkd module, line, inside a function) for every import in ``path``."""
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The nodes inside ``if TYPE_CHECKING:`` blocks (never executed)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        name = getattr(test, "id", None) or getattr(test, "attr", None)
+        if name == "TYPE_CHECKING":
+            inside |= {id(n) for child in node.body for n in ast.walk(child)}
+    return inside
+
+
+def imports(path: Path, known: set[str], runtime_only: bool = False) -> list[tuple[str, int, bool]]:
+    """(imported lrkd module, line, inside a function) for every import in ``path`` (with
+    ``runtime_only``, not those under ``if TYPE_CHECKING:``)."""
     tree = ast.parse(path.read_text())
     nested: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             nested |= {id(n) for n in ast.walk(node) if n is not node}
+    skipped = _type_checking_only(tree) if runtime_only else set()
     out = []
     for node in ast.walk(tree):
         targets: list[str] = []
@@ -52,7 +65,7 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
             targets = [node.module]
             targets += [f"{node.module}.{alias.name}" for alias in node.names]
         for target in targets:
-            if target in known:
+            if target in known and id(node) not in skipped:
                 out.append((target, node.lineno, id(node) in nested))
     return out
 
@@ -69,9 +82,10 @@ def layer(name: str) -> int:
 
 
 def graph() -> dict[str, set[str]]:
+    """The runtime import graph (type-checking-only imports cannot form an import cycle)."""
     known = modules()
     return {
-        name: {t for t, _, _ in imports(path, set(known)) if t != name}
+        name: {t for t, _, _ in imports(path, set(known), runtime_only=True) if t != name}
         for name, path in known.items()
     }
 

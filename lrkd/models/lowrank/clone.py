@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrkd._compat import attention_implementation, causal_mask
-from lrkd.models.lowrank import export, sharding
 from lrkd.models.lowrank.block import CLONE_LOSSES, CLONE_TERMS, CloneBlock
 from lrkd.models.lowrank.cache import WeightCache
+from lrkd.models.lowrank.export import materialize as export_materialize
 from lrkd.models.lowrank.family import check_hidden_size, check_teacher, student_config_for
 from lrkd.models.lowrank.inits import INITS, initialise, missing_probe_message
+from lrkd.models.lowrank.sharding import ROOT_TEACHER_PARTS
+from lrkd.models.lowrank.sharding import fully_shard as sharding_fully_shard
 from lrkd.models.lowrank.weights import GeneratedTensor, generate, generation_dtype
 from lrkd.models.protocols import CoRunOutput
 from lrkd.models.teachers import exclude_from_state_dict
@@ -126,7 +128,7 @@ class LowRankClone(nn.Module):
         )
         self.root_specs = self._root_specs(device)
         self._weight_cache = WeightCache()
-        exclude_from_state_dict(self, sharding.ROOT_TEACHER_PARTS)
+        exclude_from_state_dict(self, ROOT_TEACHER_PARTS)
         initialise(self, init, init_std, seed, probe_input_ids)
 
     # ------------------------------------------------------------------ structure
@@ -218,7 +220,7 @@ class LowRankClone(nn.Module):
             reshard_after_forward: free each block's gathered weights after its forward
                 (gathering again in backward), as in ZeRO-3.
         """
-        sharding.fully_shard(self, mesh, mp_policy, reshard_after_forward)
+        sharding_fully_shard(self, mesh, mp_policy, reshard_after_forward)
 
     # ------------------------------------------------------------------ weights
     def generated_weights(self) -> dict[str, torch.Tensor]:
@@ -357,7 +359,7 @@ class LowRankClone(nn.Module):
                 With ``cache_weights`` the generated weights are the step's cached ones, so the
                 training forward that follows does not generate them again.
         """
-        return export.materialize(self, dtype, into)
+        return export_materialize(self, dtype, into)
 
 
 def _check_arguments(
