@@ -41,6 +41,7 @@ from plotting import pyplot
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.text import TextDataModule
 from lrkd.losses import chunked_cross_entropy
 from lrkd.models.students import TeacherCopy, model_logits
@@ -107,15 +108,17 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
         tokenizer="smollm2-135m-instruct", num_problems=args.problems,
         difficulties=args.difficulties,
         val_fraction=args.val_fraction, chat_template=False, prompt_template=STUDENT_PROMPT,
-        teacher_prompt_template=TEACHER_PROMPTS[args.teacher_context], teacher_responses="generate",
-        teacher_max_new_tokens=args.max_new_tokens,
-        weighting="uniform" if arm == "uniform" else ("hard_filter" if arm == "hard_filter"
-                                                       else "paced"),
-        num_rollouts=args.rollouts, rollout_temperature=args.temperature,
-        rollout_max_new_tokens=args.max_new_tokens,
-        rollout_batch_size=48, estimate_at_start=True,
-        estimate_every_n_steps=args.estimate_every, estimate_every_n_epochs=None,
-        val_num_rollouts=args.eval_samples, batch_size=args.batch_size, seq_length=96, seed=seed,
+        teacher_prompt_template=TEACHER_PROMPTS[args.teacher_context],
+        teacher_responses=TeacherResponses(source="generate", max_new_tokens=args.max_new_tokens),
+        rollouts=Rollouts(num_samples=args.rollouts, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, batch_size=48),
+        pacing=Pacing(
+            weighting=arm if arm in ("uniform", "hard_filter") else "paced",
+            estimate_at_start=True, estimate_every_n_steps=args.estimate_every,
+            estimate_every_n_epochs=None,
+        ),
+        validation=Validation(num_samples=args.eval_samples),
+        batch_size=args.batch_size, seq_length=96, seed=seed,
     )  # fmt: skip
     pacing = PassRatePacing(datamodule)
     callbacks = [pacing]

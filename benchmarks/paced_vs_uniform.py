@@ -45,6 +45,7 @@ from lightning.pytorch import Trainer
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
@@ -75,15 +76,15 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
         val_fraction=args.val_fraction,
         chat_template=False,
         prompt_template="Question: {prompt}\nAnswer:",
-        teacher_max_new_tokens=32,
-        weighting=arm,
-        num_rollouts=args.rollouts,
-        rollout_max_new_tokens=24,
-        rollout_batch_size=48,
-        estimate_at_start=estimating,
-        estimate_every_n_steps=args.estimate_every if estimating else None,
-        estimate_every_n_epochs=None,
-        val_num_rollouts=0,
+        teacher_responses=TeacherResponses(max_new_tokens=32),
+        rollouts=Rollouts(num_samples=args.rollouts, max_new_tokens=24, batch_size=48),
+        pacing=Pacing(
+            weighting=arm,
+            estimate_at_start=estimating,
+            estimate_every_n_steps=args.estimate_every if estimating else None,
+            estimate_every_n_epochs=None,
+        ),
+        validation=Validation(num_samples=0),
         batch_size=args.batch_size,
         seq_length=96,
         seed=args.seed,

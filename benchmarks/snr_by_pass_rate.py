@@ -42,6 +42,7 @@ from plotting import pyplot
 from lrkd.callbacks.diagnostics import pass_rate_bucket_snr
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.pacing import bucket_labels, bucketize
 from lrkd.data.text import prompt_response_example, response_token_ids
 from lrkd.losses import chunked_cross_entropy
@@ -70,8 +71,10 @@ def measure(setup: str, teacher: torch.nn.Module, tokenizer, args: argparse.Name
         tokenizer="smollm2-135m-instruct", num_problems=args.problems,
         difficulties=args.difficulties, val_fraction=0.0,
         chat_template=False, prompt_template="Question: {prompt}\nAnswer:",
-        teacher_max_new_tokens=32, num_rollouts=args.rollouts, rollout_max_new_tokens=24,
-        rollout_batch_size=48, estimate_at_start=False, val_num_rollouts=0, seq_length=96,
+        teacher_responses=TeacherResponses(max_new_tokens=32),
+        rollouts=Rollouts(num_samples=args.rollouts, max_new_tokens=24, batch_size=48),
+        pacing=Pacing(estimate_at_start=False), validation=Validation(num_samples=0),
+        seq_length=96,
     )  # fmt: skip
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

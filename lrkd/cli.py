@@ -257,6 +257,41 @@ def _expanded_config(value: str, seen: tuple[Path, ...] = ()) -> list[str]:
     return _expanded_config(str(base), (*seen, path.resolve())) + rest
 
 
+def renamed_arguments(argv: list[str]) -> list[str]:
+    """The DistillDataModule arguments of an earlier layout that ``argv`` still uses (in its
+    ``--config`` files, YAML strings or ``--data.*`` flags), each as ``old -> new``."""
+    import yaml
+
+    from lrkd.data.paced_settings import RENAMED
+
+    found: list[str] = []
+
+    def note(old: str, where: str) -> None:
+        new = "teacher_responses.source" if old == "teacher_responses" else RENAMED[old]
+        found.append(f"data.{old} -> data.{new} ({where})")
+
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
+        if value is not None:
+            path = Path(value)
+            try:
+                text = path.read_text() if path.is_file() else value
+                content = yaml.safe_load(text)
+            except (OSError, yaml.YAMLError):
+                continue
+            data = content.get("data") if isinstance(content, dict) else None
+            args = data.get("init_args", data) if isinstance(data, dict) else None
+            for key, val in (args or {}).items():
+                if key in RENAMED or (key == "teacher_responses" and isinstance(val, str)):
+                    note(key, str(path) if path.is_file() else "--config")
+        flag = arg.split("=", 1)[0]
+        for prefix in ("--data.init_args.", "--data."):
+            if flag.startswith(prefix) and flag[len(prefix) :] in RENAMED:
+                note(flag[len(prefix) :], "command line")
+                break
+    return found
+
+
 SUBCOMMANDS: dict[str, str] = {
     "fit": "train a student (LightningCLI; --config FILE, --print_config, --help)",
     "validate": "run the validation loop on a checkpoint (--ckpt_path)",
@@ -321,13 +356,25 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         return _export_main(argv[1:])
     if isinstance(argv, list) and argv and argv[0] == "rank":
         return _rank_main(argv[1:])
+    if isinstance(argv, list):
+        argv = expand_extends(argv)
+        renamed = renamed_arguments(argv)
+        if renamed:
+            print(
+                "lrkd: these DistillDataModule arguments moved into setting blocks "
+                "(lrkd.data.paced_settings):\n  " + "\n  ".join(renamed),
+                file=sys.stderr,
+            )
+            print(f"error: rename {len(renamed)} argument(s) as shown (docs/paced.md)",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
     return LRKDCLI(
         DistillationModule,
         LightningDataModule,
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision()},
         save_config_kwargs={"overwrite": True},
-        args=expand_extends(argv) if isinstance(argv, list) else args,
+        args=argv if isinstance(argv, list) else args,
     )
 
 

@@ -54,23 +54,39 @@ def even_first_character_verifier():
 
 def tiny_paced_datamodule(teacher_dir, cache_dir, **overrides):
     """A DistillDataModule of 24 built-in problems for the tiny teacher, with a verifier that a
-    random model passes about half the time; ``overrides`` replace any argument."""
-    from lrkd.data.datamodule import DistillDataModule
+    random model passes about half the time.
 
-    args = dict(
-        tokenizer=str(teacher_dir),
-        num_problems=24,
-        val_fraction=0.25,
-        chat_template=False,
-        verifier=even_first_character_verifier(),
-        num_rollouts=4,
-        rollout_max_new_tokens=4,
-        teacher_max_new_tokens=6,
-        val_num_rollouts=2,
-        batch_size=4,
-        seq_length=48,
-        response_cache_dir=str(cache_dir),
+    ``overrides`` replace any argument; a field of a setting block may be given by its short
+    name of ``lrkd.data.paced_settings.RENAMED`` (``weighting="uniform"`` sets
+    ``pacing.weighting``), and ``teacher_responses="dataset"`` sets its ``source``.
+    """
+    from dataclasses import replace
+
+    from lrkd.data.datamodule import DistillDataModule
+    from lrkd.data.paced_settings import (
+        RENAMED,
+        Pacing,
+        Rollouts,
+        TeacherResponses,
+        Validation,
     )
+
+    blocks = {
+        "teacher_responses": TeacherResponses(max_new_tokens=6, cache_dir=str(cache_dir)),
+        "rollouts": Rollouts(num_samples=4, max_new_tokens=4),
+        "pacing": Pacing(),
+        "validation": Validation(num_samples=2),
+    }
+    if isinstance(overrides.get("teacher_responses"), str):
+        overrides["teacher_responses_source"] = overrides.pop("teacher_responses")
+    renamed = {**RENAMED, "teacher_responses_source": "teacher_responses.source"}
+    for name in [n for n in overrides if n in renamed]:
+        block, field = renamed[name].split(".")
+        blocks[block] = replace(blocks[block], **{field: overrides.pop(name)})
+    args = dict(
+        tokenizer=str(teacher_dir), num_problems=24, val_fraction=0.25, chat_template=False,
+        verifier=even_first_character_verifier(), batch_size=4, seq_length=48, **blocks,
+    )  # fmt: skip
     args.update(overrides)
     return DistillDataModule(**args)
 

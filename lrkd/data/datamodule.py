@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.pacing import (
     APPLY_MODES,
     COLD_STARTS,
@@ -160,41 +161,20 @@ class DistillDataModule(LightningDataModule):
             answer with it bare, a format the student cannot copy (docs/benchmarks.md).
         verifier: checks an answer: a name (``final_number``, ``exact_match``, ``boxed``) or any
             :class:`~lrkd.data.verifiers.Verifier` by ``class_path``.
-        teacher_responses: where the training responses come from: ``dataset`` (each
-            problem's ``response``), ``generate`` (the teacher answers every problem once; the
-            result is cached) or ``auto`` (the dataset's where present, else generated).
-        teacher_max_new_tokens: the longest generated teacher response.
-        teacher_temperature: sampling temperature of teacher responses (0 is greedy).
-        drop_incorrect_teacher_responses: train only on problems whose teacher response the
-            verifier accepts.
-        response_cache_dir: where generated teacher responses are cached; ``None`` is
-            ``$LRKD_CACHE_DIR/responses`` (default ``~/.cache/lrkd/responses``).
-        weighting: ``paced`` (``w = p**alpha (1-p)**beta``), ``uniform`` or ``hard_filter``
-            (1 for 0 < p < 1, else 0).
-        alpha: exponent of p in the PACED weight.
-        beta: exponent of 1 - p in the PACED weight.
-        apply_weights: ``loss_weight`` (multiply each example's divergence by
-            ``w / mean(w)``) or ``sampling`` (draw problems with probability ``w / sum(w)``).
-        skip_zero_weight: in ``loss_weight`` mode, do not draw problems with w = 0 (they would
-            cost a forward and backward pass and contribute nothing).
-        cold_start: when fewer than ``min_frontier`` problems have w > 0: ``uniform`` (plain
-            distillation until a frontier appears), ``laplace`` (weights of the smoothed rate
-            ``(c+1)/(K+2)``) or ``error``.
-        min_frontier: the fewest problems with w > 0 for the weights to be used as they are.
-        bucket_edges: interior pass-rate edges of the buckets; the buckets are ``p=0``,
-            ``(0, e1]``, ..., ``(em, 1)``, ``p=1``.
-        num_rollouts: student samples per problem for a pass-rate estimate (K).
-        rollout_temperature: sampling temperature of the student's samples.
-        rollout_top_p: nucleus-sampling mass of the student's samples.
-        rollout_max_new_tokens: the longest sampled answer.
-        rollout_batch_size: sequences per generation forward pass.
-        estimate_at_start: estimate pass rates before the first training step (else train
-            uniformly until the first re-estimation).
-        estimate_every_n_epochs: re-estimate every this many epochs (``None`` or 0: never).
-        estimate_every_n_steps: re-estimate every this many optimizer steps (``None``: never).
-        val_num_rollouts: samples per held-out problem for ``val/pass_rate`` (0 disables it;
-            greedy ``val/pass@1`` is always reported).
-        val_max_problems: evaluate pass rates on at most this many held-out problems.
+        teacher_responses: where the training responses come from and how the teacher writes
+            them (:class:`~lrkd.data.paced_settings.TeacherResponses`: ``source``,
+            ``max_new_tokens``, ``temperature``, ``drop_incorrect``, ``cache_dir``).
+        rollouts: the student's samples for a pass-rate estimate
+            (:class:`~lrkd.data.paced_settings.Rollouts`: ``num_samples`` (K),
+            ``temperature``, ``top_p``, ``max_new_tokens``, ``batch_size``).
+        pacing: how pass rates become weights and when they are estimated
+            (:class:`~lrkd.data.paced_settings.Pacing`: ``weighting``, ``alpha``, ``beta``,
+            ``apply_weights``, ``skip_zero_weight``, ``cold_start``, ``min_frontier``,
+            ``bucket_edges``, ``estimate_at_start``, ``estimate_every_n_epochs``,
+            ``estimate_every_n_steps``); see :mod:`lrkd.data.pacing` for the weight, its
+            normalisation and the cold-start rule.
+        validation: pass rates on the held-out problems
+            (:class:`~lrkd.data.paced_settings.Validation`: ``num_samples``, ``max_problems``).
         samples_per_epoch: training examples per epoch; ``None`` is the number of training
             problems.
         seq_length: prompt + response rows are truncated to this many tokens.
@@ -216,29 +196,10 @@ class DistillDataModule(LightningDataModule):
         prompt_template: str = "{prompt}",
         teacher_prompt_template: str | None = None,
         verifier: Verifier | str = "final_number",
-        teacher_responses: str = "auto",
-        teacher_max_new_tokens: int = 64,
-        teacher_temperature: float = 0.0,
-        drop_incorrect_teacher_responses: bool = False,
-        response_cache_dir: str | None = None,
-        weighting: str = "paced",
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        apply_weights: str = "loss_weight",
-        skip_zero_weight: bool = True,
-        cold_start: str = "uniform",
-        min_frontier: int = 1,
-        bucket_edges: list[float] = [0.25, 0.5, 0.75],  # noqa: B006
-        num_rollouts: int = 8,
-        rollout_temperature: float = 1.0,
-        rollout_top_p: float = 1.0,
-        rollout_max_new_tokens: int = 64,
-        rollout_batch_size: int = 32,
-        estimate_at_start: bool = True,
-        estimate_every_n_epochs: int | None = 1,
-        estimate_every_n_steps: int | None = None,
-        val_num_rollouts: int = 4,
-        val_max_problems: int | None = None,
+        teacher_responses: TeacherResponses | None = None,
+        rollouts: Rollouts | None = None,
+        pacing: Pacing | None = None,
+        validation: Validation | None = None,
         samples_per_epoch: int | None = None,
         seq_length: int = 256,
         batch_size: int = 8,
@@ -246,32 +207,13 @@ class DistillDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_choice("weighting", weighting, WEIGHTINGS)
-        _check_choice("apply_weights", apply_weights, APPLY_MODES)
-        _check_choice("cold_start", cold_start, COLD_STARTS)
-        _check_choice("teacher_responses", teacher_responses, _RESPONSE_SOURCES)
-        if "{prompt}" not in prompt_template:
-            raise ValueError(
-                f"data.prompt_template={prompt_template!r} must contain {{prompt}}, where the "
-                "problem's prompt goes."
-            )
-        if teacher_prompt_template is not None and "{prompt}" not in teacher_prompt_template:
-            raise ValueError(
-                f"data.teacher_prompt_template={teacher_prompt_template!r} must contain "
-                "{prompt}, where the problem's prompt goes."
-            )
-        positive = {"num_rollouts": num_rollouts, "batch_size": batch_size,
-                    "rollout_batch_size": rollout_batch_size, "num_problems": num_problems,
-                    "seq_length": seq_length}  # fmt: skip
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {value}")
-        check_sampling(rollout_max_new_tokens, rollout_temperature, rollout_top_p, "data.rollout_")
-        if val_num_rollouts < 0:
-            raise ValueError(f"data.val_num_rollouts must be >= 0, got {val_num_rollouts}")
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"data.alpha and data.beta must be >= 0, got {alpha}, {beta}")
-        self.bucket_edges = check_bucket_edges(bucket_edges)
+        responses = teacher_responses or TeacherResponses()
+        rollouts, pacing = rollouts or Rollouts(), pacing or Pacing()
+        validation = validation or Validation()
+        _check_settings(prompt_template, teacher_prompt_template, responses, rollouts, pacing,
+                        validation, num_problems=num_problems, batch_size=batch_size,
+                        seq_length=seq_length)  # fmt: skip
+        self.bucket_edges = check_bucket_edges(pacing.bucket_edges)
         self.verifier = get_verifier(verifier)
         self.train_files, self.val_files = train_files, val_files
         self.num_problems, self.problem_kinds = num_problems, list(problem_kinds)
@@ -279,22 +221,25 @@ class DistillDataModule(LightningDataModule):
         self.tokenizer_name, self.chat_template = tokenizer, chat_template
         self.prompt_template = prompt_template
         self.teacher_prompt_template = teacher_prompt_template
-        self.teacher_responses = teacher_responses
-        self.teacher_generation = {"max_new_tokens": teacher_max_new_tokens,
-                                   "temperature": teacher_temperature}  # fmt: skip
-        self.drop_incorrect_teacher_responses = drop_incorrect_teacher_responses
-        self.response_cache_dir = response_cache_dir
-        self.weighting, self.alpha, self.beta = weighting, alpha, beta
-        self.apply_weights, self.skip_zero_weight = apply_weights, skip_zero_weight
-        self.cold_start, self.min_frontier = cold_start, min_frontier
-        self.num_rollouts = num_rollouts
-        self.rollout = {"temperature": rollout_temperature, "top_p": rollout_top_p,
-                        "max_new_tokens": rollout_max_new_tokens,
-                        "batch_size": rollout_batch_size}  # fmt: skip
-        self.estimate_at_start = estimate_at_start
-        self.estimate_every_n_epochs = estimate_every_n_epochs
-        self.estimate_every_n_steps = estimate_every_n_steps
-        self.val_num_rollouts, self.val_max_problems = val_num_rollouts, val_max_problems
+        self.teacher_responses = responses.source
+        self.teacher_generation = {"max_new_tokens": responses.max_new_tokens,
+                                   "temperature": responses.temperature}  # fmt: skip
+        self.drop_incorrect_teacher_responses = responses.drop_incorrect
+        self.response_cache_dir = responses.cache_dir
+        self.weighting, self.alpha, self.beta = pacing.weighting, pacing.alpha, pacing.beta
+        self.apply_weights, self.skip_zero_weight = pacing.apply_weights, pacing.skip_zero_weight
+        self.cold_start, self.min_frontier = pacing.cold_start, pacing.min_frontier
+        self.num_rollouts = rollouts.num_samples
+        self.rollout = {"temperature": rollouts.temperature, "top_p": rollouts.top_p,
+                        "max_new_tokens": rollouts.max_new_tokens,
+                        "batch_size": rollouts.batch_size}  # fmt: skip
+        self.estimate_at_start = pacing.estimate_at_start
+        self.estimate_every_n_epochs = pacing.estimate_every_n_epochs
+        self.estimate_every_n_steps = pacing.estimate_every_n_steps
+        self.val_num_rollouts, self.val_max_problems = (
+            validation.num_samples,
+            validation.max_problems,
+        )
         self.samples_per_epoch = samples_per_epoch
         self.seq_length, self.batch_size = seq_length, batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -390,9 +335,9 @@ class DistillDataModule(LightningDataModule):
         missing = [i for i, r in enumerate(responses) if r is None]
         if missing and self.teacher_responses == "dataset":
             raise ValueError(
-                f"data.teacher_responses=dataset, but {len(missing)} {split} problems have no "
-                f"response (first: id {problems[missing[0]].id!r}); add responses or set "
-                "data.teacher_responses to auto or generate."
+                f"data.teacher_responses.source=dataset, but {len(missing)} {split} problems "
+                f"have no response (first: id {problems[missing[0]].id!r}); add responses or set "
+                "data.teacher_responses.source to auto or generate."
             )
         return responses
 
@@ -423,7 +368,7 @@ class DistillDataModule(LightningDataModule):
                     f"DistillDataModule: {len(self.missing_responses(split))} {split} problems "
                     "have no teacher response yet; lrkd.callbacks.pacing.PassRatePacing "
                     "generates them with the teacher (add it to trainer.callbacks; lrkd fit "
-                    "does), or give responses in the data (data.teacher_responses: dataset)."
+                    "does), or give responses in the data (data.teacher_responses.source: dataset)."
                 )
             responses: list[list[int]] = list(self._responses[split])  # type: ignore[arg-type]
             if self.drop_incorrect_teacher_responses and split == "train":
@@ -593,6 +538,46 @@ class DistillDataModule(LightningDataModule):
             self.last_estimate = {"step": None, "epoch": None}
             return
         self.set_pass_rates(state["correct"])
+
+
+def _check_settings(
+    prompt_template: str,
+    teacher_prompt_template: str | None,
+    responses: TeacherResponses,
+    rollouts: Rollouts,
+    pacing: Pacing,
+    validation: Validation,
+    **positive: int,
+) -> None:
+    """Every DataModule setting that can be checked before data is read, by its config name."""
+    _check_choice("pacing.weighting", pacing.weighting, WEIGHTINGS)
+    _check_choice("pacing.apply_weights", pacing.apply_weights, APPLY_MODES)
+    _check_choice("pacing.cold_start", pacing.cold_start, COLD_STARTS)
+    _check_choice("teacher_responses.source", responses.source, _RESPONSE_SOURCES)
+    if "{prompt}" not in prompt_template:
+        raise ValueError(
+            f"data.prompt_template={prompt_template!r} must contain {{prompt}}, where the "
+            "problem's prompt goes."
+        )
+    if teacher_prompt_template is not None and "{prompt}" not in teacher_prompt_template:
+        raise ValueError(
+            f"data.teacher_prompt_template={teacher_prompt_template!r} must contain "
+            "{prompt}, where the problem's prompt goes."
+        )
+    positive.update({"rollouts.num_samples": rollouts.num_samples,
+                     "rollouts.batch_size": rollouts.batch_size})  # fmt: skip
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"data.{name} must be at least 1, got {value}")
+    check_sampling(rollouts.max_new_tokens, rollouts.temperature, rollouts.top_p,
+                   "data.rollouts.")  # fmt: skip
+    if validation.num_samples < 0:
+        raise ValueError(f"data.validation.num_samples must be >= 0, got {validation.num_samples}")
+    if pacing.alpha < 0 or pacing.beta < 0:
+        raise ValueError(
+            f"data.pacing.alpha and data.pacing.beta must be >= 0, got {pacing.alpha}, "
+            f"{pacing.beta}"
+        )
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

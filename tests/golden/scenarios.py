@@ -79,7 +79,7 @@ def _plain_student() -> dict[str, Any]:
     }
 
 
-def _paced_data(root: Path, teacher: Path, **extra: Any) -> dict[str, Any]:
+def _paced_data(root: Path, teacher: Path, weighting: str) -> dict[str, Any]:
     return {
         "class_path": "lrkd.data.datamodule.DistillDataModule",
         "init_args": {
@@ -88,14 +88,12 @@ def _paced_data(root: Path, teacher: Path, **extra: Any) -> dict[str, Any]:
             "val_fraction": 0.25,
             "chat_template": False,
             "verifier": {"class_path": "golden.scenarios.EvenFirstCharacter"},
-            "num_rollouts": 4,
-            "rollout_max_new_tokens": 4,
-            "teacher_max_new_tokens": 6,
-            "val_num_rollouts": 2,
+            "teacher_responses": {"max_new_tokens": 6, "cache_dir": str(root / "responses")},
+            "rollouts": {"num_samples": 4, "max_new_tokens": 4},
+            "pacing": {"weighting": weighting},
+            "validation": {"num_samples": 2},
             "batch_size": 4,
             "seq_length": 48,
-            "response_cache_dir": str(root / "responses"),
-            **extra,
         },
     }
 
@@ -130,7 +128,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
         "paced": {
             "trainer": _trainer(root),
             "model": {**model, "student": _plain_student()},
-            "data": _paced_data(root, teacher, weighting="paced"),
+            "data": _paced_data(root, teacher, "paced"),
         },
         "two_stage": {
             "trainer": _trainer(
@@ -144,7 +142,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
                 ],
             ),
             "model": {**model, "student": _plain_student(), "on_policy_max_new_tokens": 4},
-            "data": _paced_data(root, teacher, weighting="paced"),
+            "data": _paced_data(root, teacher, "paced"),
         },
         "on_policy": {
             "trainer": _trainer(root),
@@ -155,7 +153,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
                 "on_policy_fraction": 1.0,
                 "on_policy_max_new_tokens": 4,
             },
-            "data": _paced_data(root, teacher, weighting="uniform"),
+            "data": _paced_data(root, teacher, "uniform"),
         },
     }
 

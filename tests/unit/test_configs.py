@@ -101,6 +101,26 @@ def test_extends_reads_the_base_first_and_refuses_loops(tmp_path, capsys) -> Non
         expand_extends(["fit", f"--config={missing}"])
 
 
+def test_a_config_of_the_previous_layout_names_every_renamed_argument(capsys) -> None:
+    """configs/paced/forward_kl_paced.yaml as shipped before the DataModule's arguments were
+    grouped (tests/data/old_layout_forward_kl_paced.yaml): lrkd fit refuses it and says where
+    each flat argument went, and so for an old --data flag."""
+    old = Path(__file__).resolve().parents[1] / "data" / "old_layout_forward_kl_paced.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(old), "--data.val_num_rollouts", "1", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: rename 16 argument(s) as shown (docs/paced.md)"
+    expected = [
+        "data.weighting -> data.pacing.weighting",
+        "data.num_rollouts -> data.rollouts.num_samples",
+        "data.teacher_responses -> data.teacher_responses.source",
+        "data.val_num_rollouts -> data.validation.num_samples (command line)",
+    ]
+    for line in expected:
+        assert any(line in e for e in err), line
+
+
 def _normalised(config: dict) -> dict:
     """Drop the settings that the schedule and the weighting are meant to change."""
     config = copy.deepcopy(config)
@@ -108,7 +128,7 @@ def _normalised(config: dict) -> dict:
     for key in ("divergence", "on_policy_fraction"):
         model.pop(key)
     for key in ("weighting", "estimate_at_start", "estimate_every_n_steps"):
-        data.pop(key)
+        data["pacing"].pop(key)
     trainer = config["trainer"]
     trainer["logger"]["init_args"].pop("name")
     trainer["callbacks"] = [
@@ -132,8 +152,8 @@ def test_paced_family_differs_only_in_schedule_and_weighting(capsys) -> None:
         model, data = config["model"], config["data"]["init_args"]
         name = f"{schedule}_{weighting}"
         assert config["trainer"]["logger"]["init_args"]["name"] == name
-        assert data["weighting"] == weighting
-        assert data["estimate_at_start"] == (weighting == "paced")
+        assert data["pacing"]["weighting"] == weighting
+        assert data["pacing"]["estimate_at_start"] == (weighting == "paced")
         two_stage = [
             c["init_args"] for c in config["trainer"]["callbacks"]
             if c["class_path"] == "lrkd.callbacks.two_stage.TwoStageKL"
