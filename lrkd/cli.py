@@ -335,6 +335,8 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The frozen teacher is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The command line is handed over after `extends` expansion, as `args`, on purpose.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and not argv:
         print(usage(), file=sys.stderr)

@@ -79,7 +79,9 @@ class Pacing:
         bucket_edges: interior pass-rate edges of the buckets.
         estimate_at_start: estimate pass rates before the first training step.
         estimate_every_n_epochs: re-estimate every this many epochs (``None`` or 0: never).
-        estimate_every_n_steps: re-estimate every this many optimizer steps (``None``: never).
+        estimate_every_n_steps: re-estimate every this many optimizer steps (``None`` or 0:
+            never; on the command line write 0, or ``--data.pacing "{estimate_every_n_steps:
+            null}"``: jsonargparse does not read ``null`` for a field of a block).
     """
 
     weighting: str = "paced"

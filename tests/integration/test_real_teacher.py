@@ -185,7 +185,7 @@ def test_two_stage_config_switches_to_on_policy_reverse_kl(tmp_path) -> None:
         "--model.on_policy_max_new_tokens", "8",
         "--data.num_problems", "30", "--data.rollouts.num_samples", "2",
         "--data.rollouts.max_new_tokens", "12", "--data.teacher_responses.max_new_tokens", "16",
-        "--data.pacing.estimate_every_n_steps", "null", "--data.validation.num_samples", "1",
+        "--data.pacing.estimate_every_n_steps", "0", "--data.validation.num_samples", "1",
         "--data.batch_size", "4",
         "--data.teacher_responses.cache_dir", str(tmp_path / "cache"),
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
