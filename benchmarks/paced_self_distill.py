@@ -43,11 +43,12 @@ from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.text import TextDataModule
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.losses import chunked_cross_entropy
 from lrkd.models.students import TeacherCopy, model_logits
 from lrkd.models.teachers import load_teacher, load_tokenizer
 from lrkd.module import DistillationModule
-from lrkd.objective import next_token_targets
+from lrkd.objective import Loss, next_token_targets
 
 ARMS = ("uniform", "hard_filter", "paced", "two_stage")
 STUDENT_PROMPT = "Question: {prompt}\nAnswer:"
@@ -97,13 +98,18 @@ def run_arm(arm: str, seed: int, teacher: torch.nn.Module, text: list, args) -> 
     torch.manual_seed(seed)
     on_policy = arm != "two_stage"
     module = DistillationModule(
-        teacher, TeacherCopy(), teacher_dtype="float32",
-        divergence="reverse_kl" if on_policy else "forward_kl",
-        on_policy_fraction=1.0 if on_policy else 0.0,
-        on_policy_max_new_tokens=args.max_new_tokens, on_policy_temperature=args.temperature,
-        on_policy_seed=seed,
+        teacher,
+        TeacherCopy(),
+        teacher_dtype="float32",
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
-    )  # fmt: skip
+        loss=Loss(divergence="reverse_kl" if on_policy else "forward_kl"),
+        on_policy=OnPolicy(
+            fraction=1.0 if on_policy else 0.0,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=seed,
+        ),
+    )
     datamodule = DistillDataModule(
         tokenizer="smollm2-135m-instruct", num_problems=args.problems,
         difficulties=args.difficulties,

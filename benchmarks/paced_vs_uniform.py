@@ -46,9 +46,11 @@ from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 ARMS = ("paced", "uniform", "hard_filter")
 SCHEDULES = ("forward_kl", "reverse_kl", "two_stage")
@@ -62,12 +64,18 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
         clone_loss="relative_mse", seed=args.seed,
     )  # fmt: skip
     module = DistillationModule(
-        teacher, student, clone_weight=args.clone_weight, teacher_dtype="float32",
-        divergence="reverse_kl" if schedule == "reverse_kl" else "forward_kl",
-        on_policy_fraction=1.0 if schedule == "reverse_kl" else 0.0,
-        on_policy_max_new_tokens=args.on_policy_tokens,
+        teacher,
+        student,
+        teacher_dtype="float32",
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
-    )  # fmt: skip
+        loss=Loss(
+            clone_weight=args.clone_weight,
+            divergence="reverse_kl" if schedule == "reverse_kl" else "forward_kl",
+        ),
+        on_policy=OnPolicy(
+            fraction=1.0 if schedule == "reverse_kl" else 0.0, max_new_tokens=args.on_policy_tokens
+        ),
+    )
     estimating = arm != "uniform"
     datamodule = DistillDataModule(
         tokenizer="smollm2-135m-instruct",
@@ -105,7 +113,7 @@ def run_arm(arm: str, schedule: str, teacher: torch.nn.Module, args: argparse.Na
     before = pacing.evaluate(trainer, module)["val/pass@1"]
     trainer.fit(module, datamodule=datamodule)
     after = pacing.evaluate(trainer, module)["val/pass@1"]
-    n_val = min(len(datamodule.val_problems), datamodule.val_max_problems or 10**9)
+    n_val = min(len(datamodule.val_problems), datamodule.validation.max_problems or 10**9)
     p = datamodule.correct
     return {
         "arm": arm,

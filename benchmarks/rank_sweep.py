@@ -34,7 +34,7 @@ from lrkd.losses import kd_divergence
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
-from lrkd.objective import next_token_targets
+from lrkd.objective import Loss, next_token_targets
 
 
 @torch.no_grad()
@@ -58,8 +58,9 @@ def run(width: int, teacher: torch.nn.Module, train: list, val: list, budgets: l
     torch.manual_seed(args.seed)
     student = LowRankCloneBuilder(hidden_size=width, init=args.init, probe_tokens=4096,
                                   clone_loss="relative_mse", seed=args.seed)  # fmt: skip
-    module = DistillationModule(teacher, student, ce_weight=0.5, clone_weight=0.2,
-                                teacher_dtype="float32")  # fmt: skip
+    module = DistillationModule(
+        teacher, student, teacher_dtype="float32", loss=Loss(ce_weight=0.5, clone_weight=0.2)
+    )
     params = [p for p in module.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     tokens_per_step = args.batch_size * args.seq_length

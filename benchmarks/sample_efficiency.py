@@ -33,6 +33,7 @@ from lrkd.models.protocols import CoRunStudent
 from lrkd.models.students import FromTeacherConfig, model_logits
 from lrkd.models.teachers import load_teacher
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 VARIANTS = ("lrc_normal", "lrc_pca", "kd_random", "ce_scratch")
 
@@ -48,7 +49,10 @@ def build(variant: str, teacher: torch.nn.Module, args: argparse.Namespace) -> D
             seed=args.seed,
         )
         return DistillationModule(
-            teacher, student, ce_weight=0.5, clone_weight=args.clone_weight, teacher_dtype="float32"
+            teacher,
+            student,
+            teacher_dtype="float32",
+            loss=Loss(ce_weight=0.5, clone_weight=args.clone_weight),
         )
     head_dim = teacher.config.head_dim
     student = FromTeacherConfig(
@@ -62,7 +66,10 @@ def build(variant: str, teacher: torch.nn.Module, args: argparse.Namespace) -> D
     kd_weight = 0.0 if variant == "ce_scratch" else 1.0
     ce_weight = 1.0 if variant == "ce_scratch" else 0.5
     return DistillationModule(
-        teacher, student, kd_weight=kd_weight, ce_weight=ce_weight, teacher_dtype="float32"
+        teacher,
+        student,
+        teacher_dtype="float32",
+        loss=Loss(kd_weight=kd_weight, ce_weight=ce_weight),
     )
 
 

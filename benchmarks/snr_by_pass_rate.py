@@ -50,7 +50,7 @@ from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import model_logits
 from lrkd.models.teachers import load_teacher, load_tokenizer
 from lrkd.module import DistillationModule
-from lrkd.objective import next_token_targets
+from lrkd.objective import Loss, next_token_targets
 
 SETUPS = ("lrc", "self")
 
@@ -60,7 +60,9 @@ def build(setup: str, teacher: torch.nn.Module, args: argparse.Namespace) -> Dis
         student = LowRankCloneBuilder(hidden_size=args.hidden_size, init="activation_pca",
                                       probe_tokens=4096, clone_loss="relative_mse",
                                       seed=0)  # fmt: skip
-        return DistillationModule(teacher, student, clone_weight=0.2, teacher_dtype="float32")
+        return DistillationModule(
+            teacher, student, teacher_dtype="float32", loss=Loss(clone_weight=0.2)
+        )
     student = copy.deepcopy(teacher).requires_grad_(True)  # a trainable copy of the teacher
     return DistillationModule(teacher, student, teacher_dtype="float32")
 

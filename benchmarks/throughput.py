@@ -3,8 +3,8 @@
 Two step kinds, each timed in its own fresh process, with random weights (no network):
 
 - ``lrc``: a Low-Rank Clone student, ``DistillationModule(teacher,
-  LowRankCloneBuilder(hidden_size=d_S, cache_weights=True), divergence="forward_kl",
-  kd_weight=1, ce_weight=1, clone_weight=0.2)``: teacher and clone run layer by layer together,
+  LowRankCloneBuilder(hidden_size=d_S, cache_weights=True), loss=Loss(divergence="forward_kl",
+  kd_weight=1, ce_weight=1, clone_weight=0.2))``: teacher and clone run layer by layer together,
   the weights are generated once per optimizer step and their gradients are turned into
   projection gradients by ``flush_weight_grads`` before the optimizer step.
 - ``plain``: a plain Hugging Face student of the same shape as the materialised clone (the
@@ -504,28 +504,27 @@ def build_module(kind: str, shape: Shape, args: argparse.Namespace, device: Any)
     the CPU, so it is not built under a CUDA default device); the plain student is initialised
     directly on ``device``.
     """
+    from dataclasses import replace
+
     import torch
 
     from lrkd.models.lowrank import LowRankCloneBuilder
     from lrkd.module import DistillationModule
+    from lrkd.objective import Loss
 
     teacher = build_teacher(shape, args, device)
-    common = dict(
-        teacher=teacher,
-        divergence="forward_kl",
-        temperature=args.temperature,
-        kd_weight=1.0,
-        activation_checkpointing=args.activation_checkpointing,
-    )
+    common = dict(teacher=teacher, activation_checkpointing=args.activation_checkpointing)
+    loss = Loss(divergence="forward_kl", temperature=args.temperature, kd_weight=1.0)
     if kind == "lrc":
         student = LowRankCloneBuilder(
             hidden_size=shape.student_hidden, cache_weights=True, seed=args.seed
         )
-        module = DistillationModule(student=student, ce_weight=1.0, clone_weight=0.2, **common)
+        loss = replace(loss, ce_weight=1.0, clone_weight=0.2)
+        module = DistillationModule(student=student, loss=loss, **common)
     else:
         with torch.device(device):
             module = DistillationModule(
-                student=plain_student_builder(shape, args.seed), ce_weight=0.0, **common
+                student=plain_student_builder(shape, args.seed), loss=loss, **common
             )
     return module.to(device).train()
 

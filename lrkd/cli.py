@@ -22,7 +22,9 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
+from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport
+from lrkd.module import RENAMED as MODEL_RENAMED
 from lrkd.module import DistillationModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -257,38 +259,61 @@ def _expanded_config(value: str, seen: tuple[Path, ...] = ()) -> list[str]:
     return _expanded_config(str(base), (*seen, path.resolve())) + rest
 
 
-def renamed_arguments(argv: list[str]) -> list[str]:
-    """The DistillDataModule arguments of an earlier layout that ``argv`` still uses (in its
-    ``--config`` files, YAML strings or ``--data.*`` flags), each as ``old -> new``."""
+#: Per config section, the arguments of an earlier flat layout -> their place in a block now.
+RENAMED: dict[str, dict[str, str]] = {
+    "model": MODEL_RENAMED,
+    "data": {**DATA_RENAMED, "teacher_responses": "teacher_responses.source"},
+}
+
+
+def _renamed_in(section: str, key: str, value: Any) -> bool:
+    # ``data.teacher_responses`` is now a block; only its old string form was renamed.
+    if section == "data" and key == "teacher_responses":
+        return isinstance(value, str)
+    return key in RENAMED[section]
+
+
+def _yaml_value(text: str) -> Any:
     import yaml
 
-    from lrkd.data.paced_settings import RENAMED
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def renamed_arguments(argv: list[str]) -> list[str]:
+    """The DistillationModule and DistillDataModule arguments of an earlier layout that ``argv``
+    still uses (in its ``--config`` files, YAML strings or ``--model.*``/``--data.*`` flags),
+    each as ``old -> new``."""
+    import yaml
 
     found: list[str] = []
-
-    def note(old: str, where: str) -> None:
-        new = "teacher_responses.source" if old == "teacher_responses" else RENAMED[old]
-        found.append(f"data.{old} -> data.{new} ({where})")
-
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
         if value is not None:
             path = Path(value)
             try:
-                text = path.read_text() if path.is_file() else value
-                content = yaml.safe_load(text)
+                content = yaml.safe_load(path.read_text() if path.is_file() else value)
             except (OSError, yaml.YAMLError):
                 continue
-            data = content.get("data") if isinstance(content, dict) else None
-            args = data.get("init_args", data) if isinstance(data, dict) else None
-            for key, val in (args or {}).items():
-                if key in RENAMED or (key == "teacher_responses" and isinstance(val, str)):
-                    note(key, str(path) if path.is_file() else "--config")
-        flag = arg.split("=", 1)[0]
-        for prefix in ("--data.init_args.", "--data."):
-            if flag.startswith(prefix) and flag[len(prefix) :] in RENAMED:
-                note(flag[len(prefix) :], "command line")
-                break
+            where = str(path) if path.is_file() else "--config"
+            for section in RENAMED:
+                block = content.get(section) if isinstance(content, dict) else None
+                args = block.get("init_args", block) if isinstance(block, dict) else None
+                for key, val in (args or {}).items():
+                    if _renamed_in(section, key, val):
+                        found.append(f"{section}.{key} -> {section}.{RENAMED[section][key]} "
+                                     f"({where})")  # fmt: skip
+        flag, _, given = arg.partition("=")
+        given = given or (argv[i + 1] if i + 1 < len(argv) else "")
+        for section in RENAMED:
+            for prefix in (f"--{section}.init_args.", f"--{section}."):
+                key = flag[len(prefix) :] if flag.startswith(prefix) else None
+                if key is not None and _renamed_in(section, key, _yaml_value(given)):
+                    found.append(f"{section}.{key} -> {section}.{RENAMED[section][key]} "
+                                 "(command line)")  # fmt: skip
+                    break
     return found
 
 
@@ -363,11 +388,12 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         renamed = renamed_arguments(argv)
         if renamed:
             print(
-                "lrkd: these DistillDataModule arguments moved into setting blocks "
-                "(lrkd.data.paced_settings):\n  " + "\n  ".join(renamed),
+                "lrkd: these arguments moved into setting blocks (model: lrkd.objective.Loss, "
+                "lrkd.generation.on_policy.OnPolicy; data: lrkd.data.paced_settings):\n  "
+                + "\n  ".join(renamed),
                 file=sys.stderr,
             )
-            print(f"error: rename {len(renamed)} argument(s) as shown (docs/paced.md)",
+            print(f"error: rename {len(renamed)} argument(s) as shown (docs/configuration.md)",
                   file=sys.stderr)  # fmt: skip
             raise SystemExit(2)
     return LRKDCLI(

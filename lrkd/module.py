@@ -9,6 +9,7 @@ The module holds the two models, the step, logging and the optimizer. The loss t
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -18,22 +19,27 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lrkd._compat import attached_trainer, instantiated_by_cli
-from lrkd.data.probe import probe_batch
+from lrkd.assembly import build_student, check_pair, enable_activation_checkpointing, token_setting
 from lrkd.data.text import teacher_view
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
-from lrkd.generation.on_policy import OnPolicySampler, response_stats
+from lrkd.generation.on_policy import OnPolicy, OnPolicySampler, response_stats
 from lrkd.models.paired_forward import run_pair, supports_hidden_path
-from lrkd.models.protocols import ActivationCheckpointing, CoRunStudent, GradFlushing
+from lrkd.models.protocols import CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits
-from lrkd.models.teachers import (
-    check_teacher_dtype,
-    exclude_from_state_dict,
-    frozen_teacher,
-    load_tokenizer,
-)
-from lrkd.objective import DistillationObjective, Targets, shared_vocab_size
+from lrkd.models.teachers import check_teacher_dtype, exclude_from_state_dict, frozen_teacher
+from lrkd.objective import DistillationObjective, Loss, Targets, shared_vocab_size
 
 log = logging.getLogger("lrkd")
+
+
+#: Arguments of earlier versions -> their place in a setting block now (``lrkd fit`` names
+#: them when an old config uses one).
+RENAMED: dict[str, str] = {
+    **{name: f"loss.{name}" for name in (f.name for f in fields(Loss))},
+    **{f"on_policy_{name}": f"on_policy.{name}" for name in ("fraction", "max_new_tokens",
+                                                            "temperature", "top_p", "seed")},
+    "eos_token_id": "on_policy.eos_token_id",
+}  # fmt: skip
 
 
 class DistillationModule(LightningModule):
@@ -43,11 +49,11 @@ class DistillationModule(LightningModule):
     ``kd_weight * D + ce_weight * CE + clone_weight * clone`` on the target tokens the batch's
     ``loss_mask`` selects, each example's divergence multiplied by its ``weight`` (PACED); see
     :mod:`lrkd.objective` for the terms, the batch format and a teacher prompt of its own
-    (``teacher_*`` keys). A share ``on_policy_fraction`` of the training batches is replaced by
+    (``teacher_*`` keys). A share ``on_policy.fraction`` of the training batches is replaced by
     the student's own completions of their prompts, scored by both models (GKD;
-    :class:`lrkd.generation.on_policy.OnPolicySampler`); with ``divergence: reverse_kl`` that is
-    on-policy reverse KL, and :class:`lrkd.callbacks.two_stage.TwoStageKL` switches to it
-    partway through training.
+    :class:`lrkd.generation.on_policy.OnPolicySampler`); with ``loss.divergence: reverse_kl``
+    that is on-policy reverse KL, and :class:`lrkd.callbacks.two_stage.TwoStageKL` switches to
+    it partway through training.
 
     The teacher's weights are not stored in checkpoints (they are reloaded from ``teacher``).
 
@@ -58,24 +64,13 @@ class DistillationModule(LightningModule):
         student: the trainable student: any causal LM ``nn.Module`` by ``class_path``, or a
             ``StudentBuilder`` (e.g. ``lrkd.models.students.FromTeacherConfig``) that is called
             with the teacher.
-        divergence: which divergence between teacher and student token distributions:
-            ``forward_kl`` (KL(teacher||student)), ``reverse_kl`` (KL(student||teacher)),
-            ``jsd`` (generalised, see ``jsd_beta``), ``skew_forward_kl``, ``skew_reverse_kl``
-            (see ``skew_alpha``) or ``tvd``.
-        temperature: both models' logits are divided by it before the divergence.
-        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.), which
-            keeps gradient magnitudes comparable across temperatures.
-        kd_weight: weight of the divergence term.
-        ce_weight: weight of the student's next-token cross-entropy on the data (0 disables).
-        clone_weight: weight alpha of the activation clone loss, for a student that runs
-            alongside the teacher and reports one (``lrkd.models.lowrank.LowRankClone``); its
-            terms are chosen on the student (``clone_terms``). 0 disables it.
-        jsd_beta: mixture weight of the teacher in ``jsd``; 0 is forward KL, 1 reverse KL.
-        skew_alpha: skew of the ``skew_*`` divergences.
-        chunk_size: tokens per chunk in the loss; ``None`` picks about 64 MB per fp32 chunk.
-        vocab_size: the number of real tokens; when teacher and student heads differ in size
-            only by padding rows, the logits are cut to the shared size. ``None`` uses the
-            teacher tokenizer's length when the teacher is loaded by name.
+        loss: the divergence, its temperature and the term weights
+            (:class:`~lrkd.objective.Loss`: ``divergence``, ``temperature``,
+            ``scale_by_temperature_squared``, ``kd_weight``, ``ce_weight``, ``clone_weight``,
+            ``jsd_beta``, ``skew_alpha``, ``chunk_size``, ``vocab_size``).
+        on_policy: the student's own completions as training data
+            (:class:`~lrkd.generation.on_policy.OnPolicy`: ``fraction``, ``max_new_tokens``,
+            ``temperature``, ``top_p``, ``seed``, ``eos_token_id``).
         teacher_dtype: dtype of the teacher's weights: ``float32``, ``bfloat16``, ``float16``,
             or ``auto`` (bfloat16 on a GPU that supports it, else float32).
         activation_checkpointing: recompute each student decoder layer (for a low-rank clone,
@@ -87,19 +82,6 @@ class DistillationModule(LightningModule):
             when the models allow it (a LowRankClone, or Hugging Face causal LMs with a plain
             head, not FSDP2-sharded), ``true`` always (an error if they do not), ``false``
             never. Validation always uses the logits.
-        on_policy_fraction: share of training batches on which the student's own completions
-            replace the data's responses (GKD's lambda): 0 never (plain distillation), 1 always.
-            Which batches are on-policy is a fixed function of ``on_policy_seed`` and the step,
-            the same on every rank and after resuming.
-        on_policy_max_new_tokens: the longest completion the student samples on an on-policy
-            step.
-        on_policy_temperature: sampling temperature of those completions (0 is greedy). 1
-            samples from the student's own distribution, which is what on-policy reverse KL
-            assumes.
-        on_policy_top_p: nucleus sampling threshold of those completions (1 disables it).
-        on_policy_seed: seed of the on-policy sampling and of the choice of on-policy batches.
-        eos_token_id: the token id(s) that end a sampled completion; ``None`` takes the
-            tokenizer's EOS (the teacher's, else the DataModule's), else the teacher config's.
         optimizer: optimizer for the student's trainable parameters (default AdamW, lr 1e-3).
         lr_scheduler: optional learning-rate scheduler, stepped every optimizer step.
     """
@@ -108,39 +90,23 @@ class DistillationModule(LightningModule):
         self,
         teacher: str | nn.Module,
         student: nn.Module | StudentBuilder,
-        divergence: str = "forward_kl",
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = False,
-        kd_weight: float = 1.0,
-        ce_weight: float = 0.0,
-        clone_weight: float = 0.0,
-        jsd_beta: float = 0.5,
-        skew_alpha: float = 0.1,
-        chunk_size: int | None = None,
-        vocab_size: int | None = None,
+        loss: Loss = Loss(),
+        on_policy: OnPolicy = OnPolicy(),
         teacher_dtype: str = "auto",
         activation_checkpointing: bool = False,
         fused_head: bool | None = None,
-        on_policy_fraction: float = 0.0,
-        on_policy_max_new_tokens: int = 64,
-        on_policy_temperature: float = 1.0,
-        on_policy_top_p: float = 1.0,
-        on_policy_seed: int = 0,
-        eos_token_id: int | list[int] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(loss, dict):  # the saved hyperparameters of a module built in Python
+            loss = Loss(**loss)
+        if isinstance(on_policy, dict):
+            on_policy = OnPolicy(**on_policy)
         check_teacher_dtype(teacher_dtype)
         # Settings are checked before the models are loaded (a bad value fails in a second).
-        self.objective = DistillationObjective(
-            divergence, temperature, scale_by_temperature_squared, kd_weight, ce_weight,
-            clone_weight, jsd_beta, skew_alpha, chunk_size,
-        )  # fmt: skip
-        self.on_policy = OnPolicySampler(
-            on_policy_fraction, on_policy_max_new_tokens, on_policy_temperature, on_policy_top_p,
-            on_policy_seed,
-        )  # fmt: skip
+        self.objective = DistillationObjective(loss)
+        self.on_policy = OnPolicySampler(on_policy)
         # Under LightningCLI the hyperparameters are the config (class paths and arguments), so
         # a checkpoint records how to rebuild the student (``lrkd export`` relies on it).
         # Built in Python, the objects themselves are not worth saving.
@@ -148,6 +114,9 @@ class DistillationModule(LightningModule):
         self.save_hyperparameters(
             ignore=objects + ([] if isinstance(teacher, str) else ["teacher"])
         )
+        for block in ("loss", "on_policy"):  # plain values: loadable with weights_only=True
+            if is_dataclass(self.hparams.get(block)):
+                self.hparams[block] = asdict(self.hparams[block])
         self.fused_head = fused_head
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -157,47 +126,20 @@ class DistillationModule(LightningModule):
         # left out of this module's state_dict (so of every checkpoint, full or sharded) and
         # not expected when loading one.
         exclude_from_state_dict(self, ("teacher",))
-        self.student = _build_student(student, self.teacher, self.tokenizer)
+        self.student = build_student(student, self.teacher, self.tokenizer)
         for model in (self.teacher, self.student):
             if getattr(getattr(model, "config", None), "use_cache", None):
                 model.config.use_cache = False  # no KV cache while training
         if activation_checkpointing:
-            _enable_activation_checkpointing(self.student)
+            enable_activation_checkpointing(self.student)
         tokenizer_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.objective.shared_vocab = shared_vocab_size(
-            self.teacher, self.student, vocab_size, tokenizer_size
+            self.teacher, self.student, loss.vocab_size, tokenizer_size
         )
-        self._check_student(clone_weight)
-        eos = eos_token_id if eos_token_id is not None else self._token_setting("eos_token_id")
-        self.on_policy.set_tokens(eos, self._token_setting("pad_token_id"))
-
-    def _check_student(self, clone_weight: float) -> None:
-        co_run = isinstance(self.student, CoRunStudent)
-        if clone_weight and not co_run:
-            raise ValueError(
-                f"model.clone_weight={clone_weight}, but the student "
-                f"({type(self.student).__name__}) has no activation clone loss; use "
-                "lrkd.models.lowrank.LowRankCloneBuilder or set clone_weight: 0."
-            )
-        if co_run and self.student.teacher is not self.teacher:
-            raise ValueError(
-                "model.student runs alongside a teacher that is not model.teacher; build it with "
-                "a StudentBuilder (e.g. LowRankCloneBuilder) so both share one frozen teacher."
-            )
-
-    def _token_setting(self, name: str) -> Any:
-        """``eos_token_id`` / ``pad_token_id`` from the first source that names one: the
-        teacher's tokenizer, its generation config, its config."""
-        sources = (
-            self.tokenizer,
-            getattr(self.teacher, "generation_config", None),
-            getattr(self.teacher, "config", None),
-        )
-        for source in sources:
-            value = getattr(source, name, None)
-            if value is not None:
-                return value
-        return None
+        check_pair(self.teacher, self.student, loss.clone_weight)
+        eos = token_setting(self.tokenizer, self.teacher, "eos_token_id")
+        pad = token_setting(self.tokenizer, self.teacher, "pad_token_id")
+        self.on_policy.set_tokens(eos if on_policy.eos_token_id is None else None, pad)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode for the student; the teacher always stays in eval mode."""
@@ -350,59 +292,3 @@ class DistillationModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def _enable_activation_checkpointing(student: nn.Module) -> None:
-    if isinstance(student, ActivationCheckpointing):
-        # Non-reentrant: works with frozen inputs, FSDP2 and torch.compile.
-        student.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    else:
-        raise ValueError(
-            f"model.activation_checkpointing: the student ({type(student).__name__}) has no "
-            "gradient_checkpointing_enable(); checkpoint its layers in its own forward instead."
-        )
-
-
-def _build_student(
-    student: nn.Module | StudentBuilder, teacher: nn.Module, tokenizer: Any
-) -> nn.Module:
-    """The student: ``student`` itself, or what the builder ``student`` builds for ``teacher``
-    (called with the probe batch it requests, if any: :meth:`StudentBuilder.probe_request`).
-
-    Args:
-        student: a student module or a student builder.
-        teacher: the frozen teacher.
-        tokenizer: the teacher's tokenizer when the module loaded it, else ``None`` (then a
-            requested probe is tokenised with the tokenizer of the teacher's ``name_or_path``).
-
-    Returns:
-        The student.
-
-    Raises:
-        ValueError: the builder requests a probe and no tokenizer can be found for the teacher.
-    """
-    if not isinstance(student, StudentBuilder):
-        return student
-    request = student.probe_request()
-    if request is None:
-        return student(teacher)
-    texts, n_tokens = request
-    if tokenizer is None:
-        source = getattr(teacher, "name_or_path", None)
-        try:
-            if not source:
-                raise ValueError("the teacher has no name_or_path")
-            tokenizer = load_tokenizer(source, field="model.teacher")
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"model.student: {type(student).__name__} requests a probe batch (e.g. "
-                "init: activation_pca) tokenised with the teacher's tokenizer, but none could "
-                f"be loaded from the teacher's name_or_path {source!r} ({err}). Give "
-                "model.teacher by name (a built-in name, model directory or hub id), or build "
-                "the student in Python with probe_input_ids (LowRankClone(teacher, ..., "
-                "probe_input_ids=lrkd.data.probe.probe_batch(tokenizer))), or use "
-                "init: embedding_pca."
-            ) from err
-    return student(teacher, probe_input_ids=probe_batch(tokenizer, texts, n_tokens))

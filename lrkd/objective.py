@@ -33,6 +33,7 @@ log = logging.getLogger("lrkd")
 
 __all__ = [
     "DistillationObjective",
+    "Loss",
     "Targets",
     "aligned_targets",
     "next_token_targets",
@@ -148,57 +149,81 @@ def shared_vocab_size(
         f"Vocab mismatch: the teacher predicts {v_teacher} tokens and the student "
         f"{v_student} ({known}). The student must use the teacher's tokenizer: set "
         f"model.student's vocab_size to {v_teacher}. If the two differ only by padded "
-        "embedding rows, set model.vocab_size to the real number of tokens."
+        "embedding rows, set model.loss.vocab_size to the real number of tokens."
     )
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The loss settings (``model.loss``): which divergence, at which temperature, and the
+    weights of the three terms.
+
+    Attributes:
+        divergence: the divergence between teacher and student token distributions:
+            ``forward_kl`` (KL(teacher||student)), ``reverse_kl`` (KL(student||teacher)),
+            ``jsd`` (generalised, see ``jsd_beta``), ``skew_forward_kl``, ``skew_reverse_kl``
+            (see ``skew_alpha``) or ``tvd``.
+        temperature: both models' logits are divided by it before the divergence.
+        scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.), which
+            keeps gradient magnitudes comparable across temperatures.
+        kd_weight: weight of the divergence term.
+        ce_weight: weight of the student's next-token cross-entropy on the data (0 disables).
+        clone_weight: weight alpha of the activation clone loss, for a student that runs
+            alongside the teacher and reports one (``lrkd.models.lowrank.LowRankClone``); its
+            terms are chosen on the student (``clone_terms``). 0 disables it.
+        jsd_beta: mixture weight of the teacher in ``jsd``; 0 is forward KL, 1 reverse KL.
+        skew_alpha: skew of the ``skew_*`` divergences.
+        chunk_size: tokens per chunk in the loss; ``None`` picks about 64 MB per fp32 chunk.
+        vocab_size: the number of real tokens; when teacher and student heads differ in size
+            only by padding rows, the logits are cut to the shared size. ``None`` uses the
+            teacher tokenizer's length when the teacher is loaded by name.
+    """
+
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    scale_by_temperature_squared: bool = False
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    clone_weight: float = 0.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    chunk_size: int | None = None
+    vocab_size: int | None = None
 
 
 class DistillationObjective(nn.Module):
     """The loss terms of a batch from both models' outputs (see the module docstring).
 
     Args:
-        divergence: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
-            ``skew_reverse_kl`` or ``tvd``.
-        temperature: both models' logits are divided by it before the divergence.
-        scale_by_temperature_squared: multiply the divergence by T^2.
-        kd_weight, ce_weight, clone_weight: the weights of the three terms.
-        jsd_beta: mixture weight of the teacher in ``jsd``.
-        skew_alpha: skew of the ``skew_*`` divergences.
-        chunk_size: tokens per chunk; ``None`` picks about 64 MB per fp32 chunk.
+        loss: the settings (:class:`Loss`); ``loss.vocab_size`` is used by the module to
+            work out ``shared_vocab``.
         shared_vocab: keep only the first ``shared_vocab`` logits (padded heads).
     """
 
-    def __init__(
-        self,
-        divergence: str = "forward_kl",
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = False,
-        kd_weight: float = 1.0,
-        ce_weight: float = 0.0,
-        clone_weight: float = 0.0,
-        jsd_beta: float = 0.5,
-        skew_alpha: float = 0.1,
-        chunk_size: int | None = None,
-        shared_vocab: int | None = None,
-    ) -> None:
+    def __init__(self, loss: Loss = Loss(), shared_vocab: int | None = None) -> None:
         super().__init__()
-        if divergence not in DIVERGENCE_KINDS:
+        if loss.divergence not in DIVERGENCE_KINDS:
             raise ValueError(
-                f"model.divergence={divergence!r} is not a known divergence; "
+                f"model.loss.divergence={loss.divergence!r} is not a known divergence; "
                 f"choose one of {', '.join(DIVERGENCE_KINDS)}."
             )
         try:
             self.divergence = KDDivergence(
-                divergence, temperature, beta=jsd_beta, skew_alpha=skew_alpha, chunk_size=chunk_size
+                loss.divergence,  # type: ignore[arg-type]
+                loss.temperature,
+                beta=loss.jsd_beta,
+                skew_alpha=loss.skew_alpha,
+                chunk_size=loss.chunk_size,
             )
         except ValueError as err:
             raise ValueError(
-                f"model: {err} (see model.temperature, jsd_beta, skew_alpha)."
+                f"model.loss: {err} (see model.loss.temperature, jsd_beta, skew_alpha)."
             ) from err
-        self.default_temperature = temperature
-        self.scale_by_temperature_squared = scale_by_temperature_squared
-        self.kd_weight = kd_weight
-        self.ce_weight = ce_weight
-        self.clone_weight = clone_weight
+        self.default_temperature = loss.temperature
+        self.scale_by_temperature_squared = loss.scale_by_temperature_squared
+        self.kd_weight = loss.kd_weight
+        self.ce_weight = loss.ce_weight
+        self.clone_weight = loss.clone_weight
         self.shared_vocab = shared_vocab
 
     def set_divergence(self, kind: str, temperature: float | None = None) -> None:
@@ -223,7 +248,7 @@ class DistillationObjective(nn.Module):
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(
                 f"Vocab mismatch at run time: teacher logits have {teacher_logits.shape[-1]} "
-                f"entries, student logits {student_logits.shape[-1]}. Set model.vocab_size to "
+                f"entries, student logits {student_logits.shape[-1]}. Set model.loss.vocab_size to "
                 "the real number of tokens if the difference is padding."
             )
         return student_logits, teacher_logits

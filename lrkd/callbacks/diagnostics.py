@@ -501,7 +501,7 @@ def pass_rate_bucket_snr(
         problems left out).
     """
 
-    p = datamodule.correct.double() / datamodule.num_rollouts
+    p = datamodule.correct.double() / datamodule.rollouts.num_samples
     buckets = bucketize(p, datamodule.bucket_edges)
     generator = torch.Generator().manual_seed(seed)
     chosen = {}

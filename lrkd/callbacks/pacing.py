@@ -96,14 +96,13 @@ class PassRatePacing(Callback):
             if not missing:
                 continue
             problems = dm.problems(split)
-            prompts = dm.teacher_prompts(split)
+            prompts, settings = dm.teacher_prompts(split), dm.teacher_responses
             with trainer.precision_plugin.forward_context():
                 generated = teacher_responses(
                     pl_module.teacher, [prompts[i] for i in missing],
                     [problems[i].id for i in missing], dm.tokenizer,
-                    max_new_tokens=dm.teacher_generation["max_new_tokens"],
-                    temperature=dm.teacher_generation["temperature"], seed=dm.seed,
-                    batch_size=dm.rollout["batch_size"], cache_root=dm.response_cache_dir,
+                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                    seed=dm.seed, batch_size=dm.rollouts.batch_size, cache_root=settings.cache_dir,
                     rank=trainer.global_rank, world_size=trainer.world_size, label=split,
                 )  # fmt: skip
             dm.set_responses(split, missing, generated)
@@ -118,13 +117,13 @@ class PassRatePacing(Callback):
         """Estimate before the first step (``estimate_at_start``), unless a checkpoint's
         estimate was restored."""
         dm = self._parts(trainer, pl_module)
-        if dm.estimate_at_start and dm.correct is None:
+        if dm.pacing.estimate_at_start and dm.correct is None:
             self.estimate(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-estimate every ``estimate_every_n_epochs`` epochs."""
         dm = self._parts(trainer, pl_module)
-        n = dm.estimate_every_n_epochs
+        n = dm.pacing.estimate_every_n_epochs
         epoch = trainer.current_epoch
         if n and epoch > 0 and epoch % n == 0 and dm.last_estimate["epoch"] != epoch:
             self.estimate(trainer, pl_module)
@@ -134,7 +133,7 @@ class PassRatePacing(Callback):
     ) -> None:
         """Re-estimate every ``estimate_every_n_steps`` optimizer steps; weight the batch."""
         dm = self._parts(trainer, pl_module)
-        n, step = dm.estimate_every_n_steps, trainer.global_step
+        n, step = dm.pacing.estimate_every_n_steps, trainer.global_step
         if n and step > 0 and step % n == 0 and dm.last_estimate["step"] != step:
             self.estimate(trainer, pl_module)
         if isinstance(batch, dict) and "problem_index" in batch:
@@ -146,25 +145,26 @@ class PassRatePacing(Callback):
         dm = self._parts(trainer, pl_module)
         model = generation_model(pl_module.student)
         round_index = dm.begin_estimate()
-        problems = dm.train_problems
+        problems, rollouts = dm.train_problems, dm.rollouts
         with trainer.precision_plugin.forward_context():
             correct = count_correct(
                 model, dm.prompts("train"), [p.answer for p in problems],
                 [p.id for p in problems], dm.verifier, dm.tokenizer,
-                num_samples=dm.num_rollouts, seed=row_seed(dm.seed, "estimate", round_index),
+                num_samples=rollouts.num_samples, seed=row_seed(dm.seed, "estimate", round_index),
                 rank=trainer.global_rank, world_size=trainer.world_size,
                 reduce_sum=partial(trainer.strategy.reduce, reduce_op="sum"),
                 progress=f"pass rates (round {round_index})" if trainer.is_global_zero else False,
-                **dm.rollout,
+                temperature=rollouts.temperature, top_p=rollouts.top_p,
+                max_new_tokens=rollouts.max_new_tokens, batch_size=rollouts.batch_size,
             )  # fmt: skip
         del model
         dm.set_pass_rates(correct)
         dm.record_estimate(trainer.global_step, trainer.current_epoch)
-        p = pass_rates(correct, dm.num_rollouts)
+        p = pass_rates(correct, rollouts.num_samples)
         log_pacing(
             trainer.loggers, pass_rate=p, weight=dm.relative_weights(),
             bucket_index=bucketize(p, dm.bucket_edges),
-            bucket_labels=bucket_labels(dm.bucket_edges), num_samples=dm.num_rollouts,
+            bucket_labels=bucket_labels(dm.bucket_edges), num_samples=rollouts.num_samples,
             cold_start=dm.cold_started, round_index=round_index, step=trainer.global_step,
         )  # fmt: skip
         frontier = float(((p > 0) & (p < 1)).double().mean())
@@ -179,7 +179,7 @@ class PassRatePacing(Callback):
     ) -> dict[str, float]:
         """The student's greedy pass@1 and mean sampled pass rate on the held-out problems."""
         dm = self._parts(trainer, pl_module)
-        problems = dm.val_problems[: dm.val_max_problems]
+        problems, rollouts = dm.val_problems[: dm.validation.max_problems], dm.rollouts
         if not problems:
             return {}
         model = generation_model(pl_module.student)
@@ -189,19 +189,19 @@ class PassRatePacing(Callback):
             "verifier": dm.verifier, "tokenizer": dm.tokenizer, "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "reduce_sum": partial(trainer.strategy.reduce, reduce_op="sum"),
-            "max_new_tokens": dm.rollout["max_new_tokens"], "batch_size": dm.rollout["batch_size"],
+            "max_new_tokens": rollouts.max_new_tokens, "batch_size": rollouts.batch_size,
         }  # fmt: skip
         metrics: dict[str, float] = {}
         with trainer.precision_plugin.forward_context():
             greedy = count_correct(model, prompts, num_samples=1, temperature=0.0, **common)
             metrics[f"{stage}/pass@1"] = float(greedy.double().mean())
-            if dm.val_num_rollouts:
+            k = dm.validation.num_samples
+            if k:
                 sampled = count_correct(
-                    model, prompts, num_samples=dm.val_num_rollouts,
-                    temperature=dm.rollout["temperature"], top_p=dm.rollout["top_p"],
-                    seed=row_seed(dm.seed, "validate", 0), **common,
+                    model, prompts, num_samples=k, temperature=rollouts.temperature,
+                    top_p=rollouts.top_p, seed=row_seed(dm.seed, "validate", 0), **common,
                 )  # fmt: skip
-                metrics[f"{stage}/pass_rate"] = float(sampled.double().mean()) / dm.val_num_rollouts
+                metrics[f"{stage}/pass_rate"] = float(sampled.double().mean()) / k
         if stage == "val" and self.teacher_pass_at_1 is not None:
             metrics["val/pass@1_teacher"] = self.teacher_pass_at_1
         return metrics

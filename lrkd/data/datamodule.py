@@ -118,7 +118,7 @@ class PacedSampler(ResumableSampler):
     def next_chunk(self, produced: int, generator: torch.Generator) -> torch.Tensor:
         """The next batch of draws (``sampling``) or the next permutation (``loss_weight``)."""
         dm = self.datamodule
-        if dm.apply_weights == "sampling":
+        if dm.pacing.apply_weights == "sampling":
             size = min(dm.batch_size, self.num_samples - produced)
             return torch.multinomial(dm.sampling_probabilities(), size, replacement=True,
                                      generator=generator)  # fmt: skip
@@ -196,10 +196,10 @@ class DistillDataModule(LightningDataModule):
         prompt_template: str = "{prompt}",
         teacher_prompt_template: str | None = None,
         verifier: Verifier | str = "final_number",
-        teacher_responses: TeacherResponses | None = None,
-        rollouts: Rollouts | None = None,
-        pacing: Pacing | None = None,
-        validation: Validation | None = None,
+        teacher_responses: TeacherResponses = TeacherResponses(),
+        rollouts: Rollouts = Rollouts(),
+        pacing: Pacing = Pacing(),
+        validation: Validation = Validation(),
         samples_per_epoch: int | None = None,
         seq_length: int = 256,
         batch_size: int = 8,
@@ -207,13 +207,12 @@ class DistillDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        responses = teacher_responses or TeacherResponses()
-        rollouts, pacing = rollouts or Rollouts(), pacing or Pacing()
-        validation = validation or Validation()
-        _check_settings(prompt_template, teacher_prompt_template, responses, rollouts, pacing,
-                        validation, num_problems=num_problems, batch_size=batch_size,
+        _check_settings(prompt_template, teacher_prompt_template, teacher_responses, rollouts,
+                        pacing, validation, num_problems=num_problems, batch_size=batch_size,
                         seq_length=seq_length)  # fmt: skip
         self.bucket_edges = check_bucket_edges(pacing.bucket_edges)
+        self.teacher_responses, self.rollouts = teacher_responses, rollouts
+        self.pacing, self.validation = pacing, validation
         self.verifier = get_verifier(verifier)
         self.train_files, self.val_files = train_files, val_files
         self.num_problems, self.problem_kinds = num_problems, list(problem_kinds)
@@ -221,25 +220,6 @@ class DistillDataModule(LightningDataModule):
         self.tokenizer_name, self.chat_template = tokenizer, chat_template
         self.prompt_template = prompt_template
         self.teacher_prompt_template = teacher_prompt_template
-        self.teacher_responses = responses.source
-        self.teacher_generation = {"max_new_tokens": responses.max_new_tokens,
-                                   "temperature": responses.temperature}  # fmt: skip
-        self.drop_incorrect_teacher_responses = responses.drop_incorrect
-        self.response_cache_dir = responses.cache_dir
-        self.weighting, self.alpha, self.beta = pacing.weighting, pacing.alpha, pacing.beta
-        self.apply_weights, self.skip_zero_weight = pacing.apply_weights, pacing.skip_zero_weight
-        self.cold_start, self.min_frontier = pacing.cold_start, pacing.min_frontier
-        self.num_rollouts = rollouts.num_samples
-        self.rollout = {"temperature": rollouts.temperature, "top_p": rollouts.top_p,
-                        "max_new_tokens": rollouts.max_new_tokens,
-                        "batch_size": rollouts.batch_size}  # fmt: skip
-        self.estimate_at_start = pacing.estimate_at_start
-        self.estimate_every_n_epochs = pacing.estimate_every_n_epochs
-        self.estimate_every_n_steps = pacing.estimate_every_n_steps
-        self.val_num_rollouts, self.val_max_problems = (
-            validation.num_samples,
-            validation.max_problems,
-        )
         self.samples_per_epoch = samples_per_epoch
         self.seq_length, self.batch_size = seq_length, batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -328,12 +308,12 @@ class DistillDataModule(LightningDataModule):
     def _dataset_responses(self, split: str, problems: list[Problem]) -> list[list[int] | None]:
         """The dataset's own response token ids per problem (``None`` where to generate)."""
         responses: list[list[int] | None] = [None] * len(problems)
-        if self.teacher_responses != "generate":
+        if self.teacher_responses.source != "generate":
             for i, problem in enumerate(problems):
                 if problem.response is not None:
                     responses[i] = response_token_ids(self.tokenizer, problem.response)
         missing = [i for i, r in enumerate(responses) if r is None]
-        if missing and self.teacher_responses == "dataset":
+        if missing and self.teacher_responses.source == "dataset":
             raise ValueError(
                 f"data.teacher_responses.source=dataset, but {len(missing)} {split} problems "
                 f"have no response (first: id {problems[missing[0]].id!r}); add responses or set "
@@ -355,7 +335,7 @@ class DistillDataModule(LightningDataModule):
 
     def build_examples(self) -> None:
         """Turn problems and responses into training and validation examples (once every
-        response is known); with ``drop_incorrect_teacher_responses``, keep only the training
+        response is known); with ``teacher_responses.drop_incorrect``, keep only the training
         problems whose response the verifier accepts."""
         if self._examples:
             return
@@ -371,14 +351,14 @@ class DistillDataModule(LightningDataModule):
                     "does), or give responses in the data (data.teacher_responses.source: dataset)."
                 )
             responses: list[list[int]] = list(self._responses[split])  # type: ignore[arg-type]
-            if self.drop_incorrect_teacher_responses and split == "train":
+            if self.teacher_responses.drop_incorrect and split == "train":
                 keep = [i for i, (p, r) in enumerate(zip(problems, responses, strict=True))
                         if self.verifier(self.decode(r), p.answer)]  # fmt: skip
                 log.info("lrkd: %d of %d teacher responses are correct; training on those",
                          len(keep), len(problems))  # fmt: skip
                 if not keep:
                     raise RuntimeError(
-                        "data.drop_incorrect_teacher_responses: the teacher answers none of the "
+                        "data.teacher_responses.drop_incorrect: the teacher answers none of the "
                         "training problems correctly."
                     )
                 self.train_problems = [problems[i] for i in keep]
@@ -401,14 +381,15 @@ class DistillDataModule(LightningDataModule):
     # ---------------------------------------------------------------------------- pacing
 
     def set_pass_rates(self, correct: torch.Tensor) -> None:
-        """Set the per-problem correct counts (out of ``num_rollouts``) and re-weight."""
+        """Set the per-problem correct counts (out of ``rollouts.num_samples``) and re-weight."""
         if correct.shape != (len(self.train_problems),):
             raise ValueError(
                 f"expected {len(self.train_problems)} counts, got shape {tuple(correct.shape)}"
             )
+        pacing = self.pacing
         weights = pacing_weights(
-            correct, self.num_rollouts, self.weighting, self.alpha, self.beta,
-            self.cold_start, self.min_frontier,
+            correct, self.rollouts.num_samples, pacing.weighting, pacing.alpha, pacing.beta,
+            pacing.cold_start, pacing.min_frontier,
         )  # fmt: skip
         self.correct = correct.to(torch.int64).cpu()
         self.weight, self.cold_started = weights.weight, weights.cold_start
@@ -430,12 +411,13 @@ class DistillDataModule(LightningDataModule):
             weight = self.weight
             if weight is None:  # not estimated yet: plain distillation
                 weight = torch.ones(len(self.train_problems), dtype=torch.float64)
-            if self.skip_zero_weight:
+            if self.pacing.skip_zero_weight:
                 support = torch.nonzero(weight > 0).flatten()
             else:
                 support = torch.arange(len(weight))
             relative = weight / weight[support].mean()
-            loss = torch.ones_like(relative) if self.apply_weights == "sampling" else relative
+            sampling = self.pacing.apply_weights == "sampling"
+            loss = torch.ones_like(relative) if sampling else relative
             self._derived = (support, relative, loss.float())
         return self._derived
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 __all__ = ["RENAMED", "Pacing", "Rollouts", "TeacherResponses", "Validation"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherResponses:
     """Where the training responses come from and how the teacher writes them.
 
@@ -42,7 +42,7 @@ class TeacherResponses:
     cache_dir: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollouts:
     """The student's samples for a pass-rate estimate.
 
@@ -61,7 +61,7 @@ class Rollouts:
     batch_size: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pacing:
     """How pass rates become weights, and when they are estimated.
 
@@ -97,7 +97,7 @@ class Pacing:
     estimate_every_n_steps: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Validation:
     """Pass rates on the held-out problems.
 

@@ -7,7 +7,7 @@ __all__ = ["check_sampling"]
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, prefix: str = "") -> None:
-    """Validate sampling settings; ``prefix`` names them in the error (e.g. ``model.on_policy_``).
+    """Validate sampling settings; ``prefix`` names them in the error (e.g. ``model.on_policy.``).
 
     Raises:
         ValueError: ``max_new_tokens < 1``, ``temperature < 0`` or ``top_p`` outside (0, 1].

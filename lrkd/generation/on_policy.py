@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from lrkd.generation.sampling import generate, generation_model
 from lrkd.seeds import row_seed
 
 __all__ = [
+    "OnPolicy",
     "OnPolicySampler",
     "batch_prompts",
     "check_on_policy_fraction",
@@ -75,7 +77,7 @@ def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
 def check_on_policy_fraction(fraction: float) -> None:
     """Raise unless ``fraction`` is a share in [0, 1]."""
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"model.on_policy_fraction={fraction}; it is a share in [0, 1].")
+        raise ValueError(f"model.on_policy.fraction={fraction}; it is a share in [0, 1].")
 
 
 def response_stats(
@@ -97,6 +99,33 @@ def response_stats(
     }
 
 
+@dataclass(frozen=True)
+class OnPolicy:
+    """The on-policy settings (``model.on_policy``): how often the student's own completions
+    replace the data's responses, and how they are sampled.
+
+    Attributes:
+        fraction: share of training batches on which the student's own completions replace
+            the data's responses (GKD's lambda): 0 never (plain distillation), 1 always. Which
+            batches are on-policy is a fixed function of ``seed`` and the step, the same on
+            every rank and after resuming.
+        max_new_tokens: the longest completion the student samples on an on-policy step.
+        temperature: sampling temperature of those completions (0 is greedy). 1 samples from
+            the student's own distribution, which is what on-policy reverse KL assumes.
+        top_p: nucleus sampling threshold of those completions (1 disables it).
+        seed: seed of the on-policy sampling and of the choice of on-policy batches.
+        eos_token_id: the token id(s) that end a sampled completion; ``None`` takes the
+            teacher tokenizer's EOS, else the teacher's generation config's or config's.
+    """
+
+    fraction: float = 0.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_id: int | list[int] | None = None
+
+
 class OnPolicySampler:
     """Which training batches are on-policy, and the student's completions that replace their
     responses (GKD, Agarwal et al. 2024).
@@ -107,40 +136,28 @@ class OnPolicySampler:
     completions after its own prompt. The batch's ``weight`` and ``problem_index`` are kept.
 
     Args:
-        fraction: share of training batches that are on-policy: 0 never, 1 always; in between,
-            a draw that depends only on ``seed``, the step and the batch index (the same on
-            every rank and after resuming).
-        max_new_tokens: the longest completion.
-        temperature: sampling temperature (0 is greedy; 1 samples the student's distribution,
-            which on-policy reverse KL assumes).
-        top_p: nucleus sampling threshold (1 disables it).
-        seed: seed of the sampling and of the choice of on-policy batches.
-        eos_token_ids: the token ids that end a completion (``None``: on-policy steps fail with
-            a message naming ``model.eos_token_id``).
+        settings: the settings (:class:`OnPolicy`); a ``fraction`` in between 0 and 1 draws
+            on-policy batches by a function of ``seed``, the step and the batch index only.
         pad_token_id: the padding id (``None``: the first EOS id).
+
+    Without an EOS id (``settings.eos_token_id`` or :meth:`set_tokens`), on-policy steps fail
+    with a message naming ``model.on_policy.eos_token_id``.
     """
 
-    def __init__(
-        self,
-        fraction: float = 0.0,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_token_ids: Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-    ) -> None:
-        check_on_policy_fraction(fraction)
-        check_sampling(max_new_tokens, temperature, top_p, "model.on_policy_")
-        self.fraction = fraction
-        self.ever_enabled = fraction > 0
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self._eos = None if eos_token_ids is None else list(eos_token_ids)
+    def __init__(self, settings: OnPolicy = OnPolicy(), pad_token_id: int | None = None) -> None:
+        check_on_policy_fraction(settings.fraction)
+        check_sampling(settings.max_new_tokens, settings.temperature, settings.top_p,
+                       "model.on_policy.")  # fmt: skip
+        self.fraction = settings.fraction
+        self.ever_enabled = settings.fraction > 0
+        self.max_new_tokens = settings.max_new_tokens
+        self.temperature = settings.temperature
+        self.top_p = settings.top_p
+        self.seed = settings.seed
+        self._eos: list[int] | None = None
         self._pad = pad_token_id
         self._rollout_model: nn.Module | None = None
+        self.set_tokens(settings.eos_token_id, None)
 
     def set_tokens(
         self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
@@ -169,8 +186,8 @@ class OnPolicySampler:
         """The ids that end a completion."""
         if self._eos is None:
             raise ValueError(
-                "On-policy steps need an end-of-sequence token: set model.eos_token_id (no "
-                "tokenizer or teacher config names one)."
+                "On-policy steps need an end-of-sequence token: set "
+                "model.on_policy.eos_token_id (no tokenizer or teacher config names one)."
             )
         return self._eos
 

@@ -7,7 +7,7 @@ lrkd asks ``isinstance(student, Protocol)`` and nothing else: no attribute probi
 signature inspection. docs/custom-students.md shows a student that implements one.
 
 - :class:`CoRunStudent`: runs layer by layer beside its frozen teacher in one pass and reports
-  activation clone losses (``model.clone_weight`` weights them).
+  activation clone losses (``model.loss.clone_weight`` weights them).
 - :class:`Materializable`: turns into a plain Hugging Face model, for export and generation.
 - :class:`SelfSharding`: shards itself (and the teacher parts it runs with) under FSDP2.
 - :class:`GradFlushing`: caches weights it generates for a whole optimizer step and turns

@@ -27,6 +27,7 @@ from lrkd.distributed import FSDP2Strategy, close_process_group, local_numel
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 GLOBAL_BATCH, STEPS, LENGTH, PROMPT = 4, 4, 12, 4
 
@@ -72,12 +73,15 @@ def main(
     else:
         student = FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0)
     module = DistillationModule(
-        make_tiny_llama(seed=0), student, clone_weight=0.5 if student_kind == "lrc" else 0.0,
-        teacher_dtype="float32", optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        make_tiny_llama(seed=0),
+        student,
+        teacher_dtype="float32",
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
         activation_checkpointing=strategy == "fsdp2",  # composes with FSDP2; exact recompute
         # The fused head+divergence path under FSDP2 for the clone (the logits path elsewhere).
         fused_head=strategy == "fsdp2" and student_kind == "lrc",
-    )  # fmt: skip
+        loss=Loss(clone_weight=0.5 if student_kind == "lrc" else 0.0),
+    )
     record = Losses()
     strategies = {"fsdp2": FSDP2Strategy(), "ddp": "ddp" if devices > 1 else "auto"}
     trainer = Trainer(

@@ -50,8 +50,7 @@ def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
             "teacher_dtype": "float32",
             "student": {"class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
                         "init_args": {"hidden_size": 32, "clone_loss": "mse"}},
-            "clone_weight": 0.5,
-            "ce_weight": 0.5,
+            "loss": {"clone_weight": 0.5, "ce_weight": 0.5},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
         },
         "data": {

@@ -27,6 +27,7 @@ from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.distributed import FSDP2Strategy, close_process_group
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
@@ -68,7 +69,7 @@ def main(
         if student == "lrc"
         else FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
         teacher_dtype="float32",
-        on_policy_max_new_tokens=4,
+        on_policy=OnPolicy(max_new_tokens=4),
     )
     record = Record()
     trainer = Trainer(

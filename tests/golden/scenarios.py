@@ -109,7 +109,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
     return {
         "plain_kd": {
             "trainer": _trainer(root),
-            "model": {**model, "student": _plain_student(), "ce_weight": 0.5},
+            "model": {**model, "student": _plain_student(), "loss": {"ce_weight": 0.5}},
             "data": text,
         },
         "lrc_clone": {
@@ -120,8 +120,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
                     "class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
                     "init_args": {"hidden_size": 32, "seed": 0},
                 },
-                "ce_weight": 0.5,
-                "clone_weight": 0.5,
+                "loss": {"ce_weight": 0.5, "clone_weight": 0.5},
             },
             "data": text,
         },
@@ -141,7 +140,7 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
                     },
                 ],
             ),
-            "model": {**model, "student": _plain_student(), "on_policy_max_new_tokens": 4},
+            "model": {**model, "student": _plain_student(), "on_policy": {"max_new_tokens": 4}},
             "data": _paced_data(root, teacher, "paced"),
         },
         "on_policy": {
@@ -149,9 +148,8 @@ def configs(root: Path, teacher: Path) -> dict[str, dict[str, Any]]:
             "model": {
                 **model,
                 "student": _plain_student(),
-                "divergence": "reverse_kl",
-                "on_policy_fraction": 1.0,
-                "on_policy_max_new_tokens": 4,
+                "loss": {"divergence": "reverse_kl"},
+                "on_policy": {"fraction": 1.0, "max_new_tokens": 4},
             },
             "data": _paced_data(root, teacher, "uniform"),
         },

@@ -11,6 +11,7 @@ from lrkd.cli import main
 from lrkd.data.text import TextDataModule
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def module() -> DistillationModule:
     return DistillationModule(
         teacher="smollm2-135m-instruct",
         student=FromTeacherConfig(hidden_size=64, num_hidden_layers=2, seed=0),
-        ce_weight=0.5,
+        loss=Loss(ce_weight=0.5),
     )
 
 
@@ -67,8 +68,7 @@ def test_cli_fit_with_real_teacher(tmp_path) -> None:
                 "class_path": "lrkd.models.students.FromTeacherConfig",
                 "init_args": {"hidden_size": 64, "num_hidden_layers": 2, "seed": 0},
             },
-            "divergence": "jsd",
-            "temperature": 2.0,
+            "loss": {"divergence": "jsd", "temperature": 2.0},
         },
         "data": {
             "class_path": "lrkd.data.text.TextDataModule",
@@ -182,7 +182,7 @@ def test_two_stage_config_switches_to_on_policy_reverse_kl(tmp_path) -> None:
     main([
         "fit", "--config", "configs/paced/two_stage_paced.yaml",
         "--model.student.init_args.hidden_size", "189",
-        "--model.on_policy_max_new_tokens", "8",
+        "--model.on_policy.max_new_tokens", "8",
         "--data.num_problems", "30", "--data.rollouts.num_samples", "2",
         "--data.rollouts.max_new_tokens", "12", "--data.teacher_responses.max_new_tokens", "16",
         "--data.pacing.estimate_every_n_steps", "0", "--data.validation.num_samples", "1",

@@ -41,7 +41,7 @@ def _config(tmp_path, teacher_dir, **model) -> str:
                 "class_path": "lrkd.models.students.FromTeacherConfig",
                 "init_args": {"hidden_size": 32, "num_hidden_layers": 1, "seed": 0},
             },
-            "ce_weight": 0.5,
+            "loss": {"ce_weight": 0.5},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
             **model,
         },
@@ -96,7 +96,7 @@ def test_print_config_prints_everything(tmp_path, tiny_teacher_dir, capsys) -> N
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["teacher"] == str(tiny_teacher_dir)
-    assert printed["model"]["divergence"] == "forward_kl"
+    assert printed["model"]["loss"]["divergence"] == "forward_kl"
     assert printed["model"]["student"]["init_args"]["hidden_size"] == 32
     assert printed["data"]["init_args"]["seq_length"] == 32
     assert printed["trainer"]["max_steps"] == 6
@@ -121,9 +121,14 @@ def test_help_documents_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     out = capsys.readouterr().out
-    expected_strings = ["--model.divergence", "reverse_kl", "--model.temperature", "--data"]
+    expected_strings = [
+        "--model.loss.divergence",
+        "reverse_kl",
+        "--model.loss.temperature",
+        "--data",
+    ]
     expected_strings += [
-        "--model.ce_weight",
+        "--model.loss.ce_weight",
         "--model.teacher",
         "built-in name",
         "--trainer.max_steps",
@@ -174,8 +179,8 @@ def test_version_and_environment_report(capsys) -> None:
 
 def test_bad_divergence_fails_with_field_name(tmp_path, tiny_teacher_dir) -> None:
     with pytest.raises((ValueError, SystemExit)) as err:
-        main(["fit", "--config", _config(tmp_path, tiny_teacher_dir, divergence="kl")])
-    assert err.type is ValueError and "model.divergence" in str(err.value)
+        main(["fit", "--config", _config(tmp_path, tiny_teacher_dir, loss={"divergence": "kl"})])
+    assert err.type is ValueError and "model.loss.divergence" in str(err.value)
 
 
 def test_lrc_fit_logs_clone_terms_and_export_command(tmp_path, tiny_teacher_dir) -> None:
@@ -183,7 +188,9 @@ def test_lrc_fit_logs_clone_terms_and_export_command(tmp_path, tiny_teacher_dir)
         "class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
         "init_args": {"hidden_size": 32, "clone_loss": "relative_mse"},
     }
-    config = _config(tmp_path, tiny_teacher_dir, student=lrc, clone_weight=0.2)
+    config = _config(
+        tmp_path, tiny_teacher_dir, student=lrc, loss={"ce_weight": 0.5, "clone_weight": 0.2}
+    )
     cli = main(["fit", "--config", config, "--trainer.accumulate_grad_batches", "2"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -84,12 +84,13 @@ def test_extends_reads_the_base_first_and_refuses_loops(tmp_path, capsys) -> Non
     base = tmp_path / "base.yaml"
     base.write_text((CONFIGS / "paced" / "base.yaml").read_text())
     over = tmp_path / "over.yaml"
-    over.write_text("extends: base.yaml\nmodel:\n  divergence: tvd\n")
+    over.write_text("extends: base.yaml\nmodel:\n  loss:\n    divergence: tvd\n")
     args = expand_extends(["fit", "--config", str(over)])
     assert args[:3] == ["fit", "--config", str(base.resolve())]
-    assert yaml.safe_load(args[4]) == {"model": {"divergence": "tvd"}}
+    assert yaml.safe_load(args[4]) == {"model": {"loss": {"divergence": "tvd"}}}
     config = _resolved(over, capsys)
-    assert config["model"]["divergence"] == "tvd"
+    assert config["model"]["loss"]["divergence"] == "tvd"
+    assert config["model"]["loss"]["clone_weight"] == 0.2  # the rest of the block: the base's
     assert config["data"]["init_args"]["num_problems"] == 128  # from the base
     loop = tmp_path / "loop.yaml"
     loop.write_text("extends: loop.yaml\n")
@@ -102,16 +103,23 @@ def test_extends_reads_the_base_first_and_refuses_loops(tmp_path, capsys) -> Non
 
 
 def test_a_config_of_the_previous_layout_names_every_renamed_argument(capsys) -> None:
-    """configs/paced/forward_kl_paced.yaml as shipped before the DataModule's arguments were
-    grouped (tests/data/old_layout_forward_kl_paced.yaml): lrkd fit refuses it and says where
-    each flat argument went, and so for an old --data flag."""
+    """configs/paced/forward_kl_paced.yaml as shipped before the module's and the DataModule's
+    arguments were grouped (tests/data/old_layout_forward_kl_paced.yaml): lrkd fit refuses it
+    and says where each flat argument went, and so for old --model and --data flags."""
     old = Path(__file__).resolve().parents[1] / "data" / "old_layout_forward_kl_paced.yaml"
+    flags = ["--data.val_num_rollouts", "1", "--model.jsd_beta=0.3", "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(old), "--data.val_num_rollouts", "1", "--print_config"])
+        main(["fit", "--config", str(old), *flags])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: rename 16 argument(s) as shown (docs/paced.md)"
+    # 7 model and 15 data arguments in the file, one of each on the command line.
+    assert err[-1] == "error: rename 24 argument(s) as shown (docs/configuration.md)"
     expected = [
+        "model.divergence -> model.loss.divergence",
+        "model.ce_weight -> model.loss.ce_weight",
+        "model.on_policy_fraction -> model.on_policy.fraction",
+        "model.on_policy_max_new_tokens -> model.on_policy.max_new_tokens",
+        "model.jsd_beta -> model.loss.jsd_beta (command line)",
         "data.weighting -> data.pacing.weighting",
         "data.num_rollouts -> data.rollouts.num_samples",
         "data.teacher_responses -> data.teacher_responses.source",
@@ -121,12 +129,32 @@ def test_a_config_of_the_previous_layout_names_every_renamed_argument(capsys) ->
         assert any(line in e for e in err), line
 
 
+def test_block_flags_of_the_new_layout_are_not_taken_for_old_ones() -> None:
+    from lrkd.cli import renamed_arguments
+
+    new = [
+        "fit",
+        "--model.loss.ce_weight",
+        "0.5",
+        "--model.on_policy",
+        "{fraction: 1.0}",
+        "--data.teacher_responses",
+        "{source: generate}",
+        "--model.teacher_dtype",
+        "float32",
+    ]
+    assert renamed_arguments(new) == []
+    assert renamed_arguments(["fit", "--data.teacher_responses=generate"]) == [
+        "data.teacher_responses -> data.teacher_responses.source (command line)"
+    ]
+
+
 def _normalised(config: dict) -> dict:
     """Drop the settings that the schedule and the weighting are meant to change."""
     config = copy.deepcopy(config)
     model, data = config["model"], config["data"]["init_args"]
-    for key in ("divergence", "on_policy_fraction"):
-        model.pop(key)
+    model["loss"].pop("divergence")
+    model["on_policy"].pop("fraction")
     for key in ("weighting", "estimate_at_start", "estimate_every_n_steps"):
         data["pacing"].pop(key)
     trainer = config["trainer"]
@@ -159,11 +187,11 @@ def test_paced_family_differs_only_in_schedule_and_weighting(capsys) -> None:
             if c["class_path"] == "lrkd.callbacks.two_stage.TwoStageKL"
         ]  # fmt: skip
         if schedule == "forward_kl":
-            assert (model["divergence"], model["on_policy_fraction"], two_stage) == (
+            assert (model["loss"]["divergence"], model["on_policy"]["fraction"], two_stage) == (
                 "forward_kl", 0.0, [],
             )  # fmt: skip
         elif schedule == "reverse_kl":
-            assert (model["divergence"], model["on_policy_fraction"], two_stage) == (
+            assert (model["loss"]["divergence"], model["on_policy"]["fraction"], two_stage) == (
                 "reverse_kl", 1.0, [],
             )  # fmt: skip
         else:

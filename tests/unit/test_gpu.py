@@ -8,6 +8,7 @@ from conftest import make_tiny_llama
 
 from lrkd.losses import kd_divergence
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 pytestmark = pytest.mark.gpu
 
@@ -101,10 +102,12 @@ def test_fused_head_step_on_cuda_in_bf16_matches_the_logits_step() -> None:
     results = []
     for fused in (False, None):  # None: the default, which is the fused path on CUDA
         module = DistillationModule(
-            teacher=make_tiny_llama(seed=0), teacher_dtype="bfloat16", ce_weight=0.5,
-            student=LowRankCloneBuilder(hidden_size=32, init_std=0.1), clone_weight=0.2,
+            teacher=make_tiny_llama(seed=0),
+            teacher_dtype="bfloat16",
+            student=LowRankCloneBuilder(hidden_size=32, init_std=0.1),
             fused_head=fused,
-        ).cuda()  # fmt: skip
+            loss=Loss(ce_weight=0.5, clone_weight=0.2),
+        ).cuda()
         module.train()
         assert module.uses_fused_head() is (fused is None)
         torch.manual_seed(0)

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lrkd.distributed",),
     ("lrkd.data",),
     ("lrkd.generation",),
-    ("lrkd.objective", "lrkd.diagnostics"),
+    ("lrkd.objective", "lrkd.assembly", "lrkd.diagnostics"),
     ("lrkd.callbacks",),
     ("lrkd.module",),
     ("lrkd.cli",),

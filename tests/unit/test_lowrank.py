@@ -18,6 +18,7 @@ from conftest import TINY_VOCAB, make_tiny_llama, tiny_config_fields
 from lrkd.data.probe import probe_batch
 from lrkd.models.lowrank import CLONE_TERMS, LowRankClone, LowRankCloneBuilder
 from lrkd.models.teachers import load_teacher, load_tokenizer
+from lrkd.objective import Loss
 
 
 def _common(**overrides):
@@ -404,7 +405,7 @@ def test_distillation_module_builds_the_requested_probe(tiny_teacher_dir, by_nam
     texts = ["The quick brown fox jumps over the lazy dog. " * 4] * 6
     builder = LowRankCloneBuilder(32, init="activation_pca", probe_texts=texts, probe_tokens=512)
     teacher = str(tiny_teacher_dir) if by_name else load_teacher(str(tiny_teacher_dir))
-    module = DistillationModule(teacher, builder, clone_weight=0.2)
+    module = DistillationModule(teacher, builder, loss=Loss(clone_weight=0.2))
     ids = probe_batch(load_tokenizer(str(tiny_teacher_dir)), texts, 512)
     assert ids.shape == (2, 256)
     expected = LowRankClone(module.teacher, 32, init="activation_pca", probe_input_ids=ids)
@@ -469,7 +470,9 @@ def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teac
 
     torch.manual_seed(0)
     module = DistillationModule(
-        str(tiny_teacher_dir), LowRankCloneBuilder(hidden_size=32), ce_weight=0.5, clone_weight=0.2
+        str(tiny_teacher_dir),
+        LowRankCloneBuilder(hidden_size=32),
+        loss=Loss(ce_weight=0.5, clone_weight=0.2),
     )
     clone = module.student
     before = {k: v.clone() for k, v in clone.state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 
 def _batch(seed: int = 0, batch: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
@@ -57,7 +59,7 @@ def _reference_loss(module: DistillationModule, batch: dict[str, torch.Tensor], 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_loss_matches_float64_reference(temperature: float) -> None:
-    module = _module(temperature=temperature, ce_weight=0.3)
+    module = _module(loss=Loss(temperature=temperature, ce_weight=0.3))
     batch = _batch()
     terms = module.distillation_loss(batch)
     kd_ref, ce_ref = _reference_loss(module, batch, temperature)
@@ -139,8 +141,8 @@ def test_fit_reduces_loss() -> None:
 
 
 def test_unknown_divergence_names_field() -> None:
-    with pytest.raises(ValueError, match=r"model\.divergence='kl'.*forward_kl"):
-        _module(divergence="kl")
+    with pytest.raises(ValueError, match=r"model\.loss\.divergence='kl'.*forward_kl"):
+        _module(loss=Loss(divergence="kl"))
 
 
 def test_missing_teacher_path_names_field() -> None:
@@ -157,7 +159,7 @@ def test_vocab_mismatch_fails_clearly() -> None:
 def test_padded_vocab_uses_shared_rows(caplog) -> None:
     student = make_tiny_llama(seed=1, vocab_size=TINY_VOCAB + 16)
     with caplog.at_level(logging.WARNING, logger="lrkd"):
-        module = _module(student=student, vocab_size=101)
+        module = _module(student=student, loss=Loss(vocab_size=101))
     assert module.objective.shared_vocab == TINY_VOCAB
     assert "padding" in caplog.text
     terms = module.distillation_loss(_batch())
@@ -174,8 +176,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind: str) -
             student = LowRankCloneBuilder(hidden_size=32, init_std=0.1, cache_weights=False)
         else:
             student = FromTeacherConfig(hidden_size=32, num_hidden_layers=2, seed=0)
-        module = _module(student=student, clone_weight=0.5 if kind == "lrc" else 0.0,
-                         activation_checkpointing=checkpointing, ce_weight=0.3)  # fmt: skip
+        module = _module(
+            student=student,
+            activation_checkpointing=checkpointing,
+            loss=Loss(clone_weight=0.5 if kind == "lrc" else 0.0, ce_weight=0.3),
+        )
         module.train()
         recomputed = []
         if checkpointing:  # count recomputations: the layers really run again in backward
@@ -214,18 +219,21 @@ def test_fused_head_step_equals_the_logits_step(kind: str, divergence: str) -> N
 
     results = []
     for fused in (False, True):
-        kwargs = {}
+        loss = Loss(divergence=divergence, temperature=2.0, ce_weight=0.3)
         if kind == "lrc":
             student = LowRankCloneBuilder(hidden_size=32, init_std=0.1, cache_weights=True)
-            kwargs["clone_weight"] = 0.5
+            loss = replace(loss, clone_weight=0.5)
         elif kind == "padded_vocab":
             student = make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2,
                                       vocab_size=TINY_VOCAB + 8)  # fmt: skip
-            kwargs["vocab_size"] = TINY_VOCAB
+            loss = replace(loss, vocab_size=TINY_VOCAB)
         else:
             student = FromTeacherConfig(hidden_size=32, num_hidden_layers=2, seed=0)
-        module = _module(student=student, divergence=divergence, temperature=2.0, ce_weight=0.3,
-                         fused_head=fused, **kwargs)  # fmt: skip
+        module = _module(
+            student=student,
+            fused_head=fused,
+            loss=loss,
+        )
         module.train()
         terms = module.distillation_loss(_batch(5))
         terms["loss"].backward()
@@ -261,3 +269,33 @@ def test_fused_head_refuses_a_student_without_hidden_states() -> None:
     module.train()
     with pytest.raises(ValueError, match="fused_head"):
         module.distillation_loss(_batch(0))
+
+
+def test_setting_blocks_are_saved_as_plain_values_and_load_back(tmp_path, tiny_teacher_dir) -> None:
+    """A module built in Python saves ``loss`` and ``on_policy`` as plain dicts, so its
+    checkpoint loads with ``torch.load(weights_only=True)`` (Lightning's default) into the same
+    settings."""
+    from dataclasses import asdict
+
+    import lightning
+
+    from lrkd.generation.on_policy import OnPolicy
+
+    loss = Loss(divergence="jsd", jsd_beta=0.3, ce_weight=0.25)
+    on_policy = OnPolicy(fraction=0.5, max_new_tokens=7, eos_token_id=[2, 3])
+    module = DistillationModule(
+        str(tiny_teacher_dir), make_tiny_llama(seed=1), teacher_dtype="float32", loss=loss,
+        on_policy=on_policy,
+    )  # fmt: skip
+    assert module.hparams["loss"] == asdict(loss)
+    assert module.hparams["on_policy"] == asdict(on_policy)
+    path = tmp_path / "module.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)  # fmt: skip
+    loaded = DistillationModule.load_from_checkpoint(path, student=make_tiny_llama(seed=1))
+    assert loaded.objective.divergence.kind == "jsd" and loaded.objective.divergence.beta == 0.3
+    assert loaded.objective.ce_weight == 0.25
+    assert (loaded.on_policy.fraction, loaded.on_policy.max_new_tokens) == (0.5, 7)
+    assert loaded.on_policy.eos_token_ids == [2, 3]
+    for key, value in module.student.state_dict().items():
+        torch.testing.assert_close(loaded.student.state_dict()[key], value, rtol=0, atol=0)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from lrkd.generation.on_policy import batch_prompts
+from lrkd.generation.on_policy import OnPolicy, batch_prompts
 from lrkd.generation.sampling import generation_model
 from lrkd.models.lowrank import LowRankClone, LowRankCloneBuilder
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 EOS_IDS = list(range(4, 16))  # many end tokens: some rows end early, some run to the limit
 PAD = 3
@@ -47,9 +48,9 @@ def _module(**kwargs) -> DistillationModule:
         seed=1, hidden_size=32, num_attention_heads=2
     )
     defaults = dict(
-        divergence="reverse_kl", on_policy_fraction=1.0, on_policy_max_new_tokens=MAX_NEW,
-        eos_token_id=EOS_IDS,
-    )  # fmt: skip
+        loss=Loss(divergence="reverse_kl"),
+        on_policy=OnPolicy(fraction=1.0, max_new_tokens=MAX_NEW, eos_token_id=EOS_IDS),
+    )
     return DistillationModule(make_tiny_llama(seed=0), student, **{**defaults, **kwargs})
 
 
@@ -168,14 +169,14 @@ def test_training_step_uses_on_policy_batch() -> None:
 
 
 def test_on_policy_fraction_share_and_determinism() -> None:
-    never = _module(on_policy_fraction=0.0)
-    always = _module(on_policy_fraction=1.0)
-    mixed = _module(on_policy_fraction=0.3)
+    never = _module(on_policy=OnPolicy(fraction=0.0))
+    always = _module(on_policy=OnPolicy(fraction=1.0))
+    mixed = _module(on_policy=OnPolicy(fraction=0.3))
     assert not any(never.on_policy.is_on_policy(0, i) for i in range(100))
     assert all(always.on_policy.is_on_policy(0, i) for i in range(100))
     draws = [mixed.on_policy.is_on_policy(0, i) for i in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.03
-    again = _module(on_policy_fraction=0.3)
+    again = _module(on_policy=OnPolicy(fraction=0.3))
     assert draws == [again.on_policy.is_on_policy(0, i) for i in range(4000)]
 
 
@@ -183,10 +184,11 @@ def test_low_rank_clone_student_rolls_out_through_a_reused_plain_model() -> None
     torch.manual_seed(0)
     teacher = make_tiny_llama(seed=0, tie_word_embeddings=False)
     module = DistillationModule(
-        teacher, LowRankCloneBuilder(hidden_size=32, init="normal", seed=0),
-        divergence="reverse_kl", on_policy_fraction=1.0, on_policy_max_new_tokens=MAX_NEW,
-        eos_token_id=EOS_IDS,
-    )  # fmt: skip
+        teacher,
+        LowRankCloneBuilder(hidden_size=32, init="normal", seed=0),
+        loss=Loss(divergence="reverse_kl"),
+        on_policy=OnPolicy(fraction=1.0, max_new_tokens=MAX_NEW, eos_token_id=EOS_IDS),
+    )
     assert isinstance(module.student, LowRankClone)
     batch, _ = _prompt_response_batch()
     module.on_policy.batch(module.student, batch, 0, 0)
@@ -210,18 +212,17 @@ def test_missing_eos_fails_clearly() -> None:
     module = DistillationModule(
         make_tiny_llama(seed=0, eos_token_id=None),
         make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2, eos_token_id=None),
-        on_policy_fraction=1.0,
+        on_policy=OnPolicy(fraction=1.0),
     )
     batch, _ = _prompt_response_batch()
-    with pytest.raises(ValueError, match=r"model\.eos_token_id"):
+    with pytest.raises(ValueError, match=r"model\.on_policy\.eos_token_id"):
         module.on_policy.batch(module.student, batch, 0, 0)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("on_policy_fraction", 1.5), ("on_policy_max_new_tokens", 0), ("on_policy_temperature", -1.0),
-     ("on_policy_top_p", 0.0)],
-)  # fmt: skip
+    [("fraction", 1.5), ("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0)],
+)
 def test_on_policy_settings_are_checked(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=rf"model\.{field}"):
-        _module(**{field: value})
+    with pytest.raises(ValueError, match=rf"model\.on_policy\.{field}"):
+        _module(on_policy=OnPolicy(**{field: value}))

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lrkd.callbacks.export import export_student
 from lrkd.callbacks.pacing import PassRatePacing
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.generation.sampling import generation_model
 from lrkd.models.lowrank import LowRankClone
 from lrkd.models.protocols import (
@@ -56,8 +57,12 @@ def test_custom_materializable_student_trains_samples_and_exports(
 
     student = factorized_head.FactorizedHeadStudent(str(tiny_teacher_dir), hidden_size=32)
     assert [p for p in PROTOCOLS if isinstance(student, p)] == [Materializable]
-    module = DistillationModule(str(tiny_teacher_dir), student, teacher_dtype="float32",
-                                on_policy_fraction=1.0, on_policy_max_new_tokens=4)  # fmt: skip
+    module = DistillationModule(
+        str(tiny_teacher_dir),
+        student,
+        teacher_dtype="float32",
+        on_policy=OnPolicy(fraction=1.0, max_new_tokens=4),
+    )
     datamodule = tiny_paced_datamodule(tiny_teacher_dir, tmp_path / "cache", weighting="uniform")
     Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, limit_val_batches=0, callbacks=[PassRatePacing()],

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from conftest import make_tiny_llama, tiny_paced_datamodule
 
 from lrkd.data.text import pad_collate, prompt_response_example, response_token_ids, teacher_view
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import TeacherCopy
 from lrkd.module import DistillationModule
+from lrkd.objective import Loss
 
 PAD = 3
 
@@ -67,8 +69,13 @@ def _by_hand(student, teacher, kind: str, temperature: float, weight) -> torch.T
 def test_divergence_is_taken_on_the_response_tokens_of_each_sequence(fused, kind) -> None:
     teacher = make_tiny_llama(seed=0)
     student = make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2)
-    module = DistillationModule(teacher, student, divergence=kind, temperature=2.0,
-                                fused_head=fused, teacher_dtype="float32")  # fmt: skip
+    module = DistillationModule(
+        teacher,
+        student,
+        fused_head=fused,
+        teacher_dtype="float32",
+        loss=Loss(divergence=kind, temperature=2.0),
+    )
     module.train()
     weight = [0.5, 1.5]
     terms = module.distillation_loss(_batch(weight))
@@ -84,8 +91,9 @@ def test_fused_and_logits_paths_give_the_same_gradients_with_teacher_context() -
     for fused in (False, True):
         teacher = make_tiny_llama(seed=0)
         student = make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2)
-        module = DistillationModule(teacher, student, ce_weight=0.3, fused_head=fused,
-                                    teacher_dtype="float32")  # fmt: skip
+        module = DistillationModule(
+            teacher, student, fused_head=fused, teacher_dtype="float32", loss=Loss(ce_weight=0.3)
+        )
         module.train()
         module.distillation_loss(_batch())["loss"].backward()
         grads.append({n: p.grad for n, p in module.student.named_parameters()})
@@ -97,7 +105,7 @@ def test_the_same_prompts_for_both_give_the_plain_step() -> None:
     """Teacher keys that repeat the student's sequence change nothing."""
     teacher = make_tiny_llama(seed=0)
     student = make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2)
-    module = DistillationModule(teacher, student, ce_weight=0.3, teacher_dtype="float32")
+    module = DistillationModule(teacher, student, teacher_dtype="float32", loss=Loss(ce_weight=0.3))
     module.eval()
     plain = {k: v for k, v in _batch().items() if not k.startswith("teacher_")}
     mirrored = {**plain, **{f"teacher_{k}": v for k, v in plain.items()}}
@@ -124,9 +132,12 @@ def test_a_low_rank_clone_refuses_teacher_context() -> None:
 
 
 def test_on_policy_batch_gives_the_teacher_its_prompt_and_the_same_completions() -> None:
-    module = DistillationModule(make_tiny_llama(seed=0), make_tiny_llama(seed=1),
-                                on_policy_fraction=1.0, on_policy_max_new_tokens=5,
-                                eos_token_id=2, teacher_dtype="float32")  # fmt: skip
+    module = DistillationModule(
+        make_tiny_llama(seed=0),
+        make_tiny_llama(seed=1),
+        teacher_dtype="float32",
+        on_policy=OnPolicy(fraction=1.0, max_new_tokens=5, eos_token_id=2),
+    )
     batch = _batch()
     out = module.on_policy.batch(module.student, batch, step=0)
     student, teacher = out, teacher_view(out)

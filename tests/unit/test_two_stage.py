@@ -16,6 +16,7 @@ from test_on_policy import EOS_IDS, _prompt_response_batch
 from torch.utils.data import DataLoader
 
 from lrkd.callbacks.two_stage import TwoStageKL
+from lrkd.generation.on_policy import OnPolicy
 from lrkd.module import DistillationModule
 
 
@@ -44,9 +45,11 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
 
 def _module(**kwargs) -> DistillationModule:
     return DistillationModule(
-        make_tiny_llama(seed=0), make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2),
-        on_policy_max_new_tokens=4, eos_token_id=EOS_IDS, **kwargs,
-    )  # fmt: skip
+        make_tiny_llama(seed=0),
+        make_tiny_llama(seed=1, hidden_size=32, num_attention_heads=2),
+        **kwargs,
+        on_policy=OnPolicy(max_new_tokens=4, eos_token_id=EOS_IDS),
+    )
 
 
 def _fit(

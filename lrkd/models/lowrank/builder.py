@@ -29,7 +29,7 @@ class LowRankCloneBuilder(StudentBuilder):
         probe_texts: texts for ``activation_pca``; ``None`` uses the built-in corpus.
         probe_tokens: about how many probe tokens ``activation_pca`` uses.
         clone_terms: activation clone terms (``q, k, v, gate, up, attn_out, ffn_out``);
-            weight them with ``model.clone_weight``.
+            weight them with ``model.loss.clone_weight``.
         clone_loss: ``mse`` (paper) or ``relative_mse`` (each term over the teacher
             activation's mean square).
         clone_target_grad: let gradients flow through the projection that maps teacher

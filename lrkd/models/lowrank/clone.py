@@ -283,10 +283,8 @@ class LowRankClone(nn.Module):
         Returns:
             A :class:`LowRankCloneOutput`.
         """
-        teacher = self.teacher
         weights = self.generated_weights() if self.cache_weights else None
         embed_w, head_w = self._embedding_and_head(weights)
-
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         # Always the masked mean when there is a mask: checking for all-ones would sync the host.
@@ -296,13 +294,10 @@ class LowRankClone(nn.Module):
         # projections' dtype (fp32 under bf16-mixed), as a plain student's would.
         h_s = F.embedding(input_ids, embed_w).to(self.embed_projection.dtype)
         s_masks = _layer_masks(self.config, h_s, attention_mask, position_ids)
-        s_pos = teacher.model.rotary_emb(h_s, position_ids=position_ids)
+        s_pos = self.teacher.model.rotary_emb(h_s, position_ids=position_ids)
         h_t = t_masks = t_pos = None
         if with_teacher:
-            with torch.no_grad():
-                h_t = teacher.model.embed_tokens(input_ids)
-                t_masks = _layer_masks(teacher.config, h_t, attention_mask, position_ids)
-                t_pos = teacher.model.rotary_emb(h_t, position_ids=position_ids)
+            h_t, t_masks, t_pos = self._teacher_inputs(input_ids, attention_mask, position_ids)
 
         terms = self.clone_terms if with_teacher else ()
         totals: dict[str, torch.Tensor] = {}
@@ -315,17 +310,42 @@ class LowRankClone(nn.Module):
             for name, value in zip(terms, losses, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
 
+        return self._output(h_s, h_t, head_w, totals, return_hidden)
+
+    @torch.no_grad()
+    def _teacher_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[Any], Any]:
+        """The teacher's embeddings, per-layer masks and rotary position embeddings."""
+        teacher = self.teacher
+        h_t = teacher.model.embed_tokens(input_ids)
+        t_masks = _layer_masks(teacher.config, h_t, attention_mask, position_ids)
+        return h_t, t_masks, teacher.model.rotary_emb(h_t, position_ids=position_ids)
+
+    def _output(
+        self,
+        h_s: torch.Tensor,
+        h_t: torch.Tensor | None,
+        head_w: torch.Tensor,
+        totals: dict[str, torch.Tensor],
+        return_hidden: bool,
+    ) -> LowRankCloneOutput:
+        """Final norms, then logits (or, with ``return_hidden``, hidden states and heads)."""
+        teacher = self.teacher
         hidden = self.norm(h_s)
         teacher_hidden = None
-        if with_teacher:
+        if h_t is not None:
             with torch.no_grad():
                 teacher_hidden = teacher.model.norm(h_t)
         if return_hidden:
-            teacher_head = teacher.lm_head.weight if with_teacher else None
+            teacher_head = teacher.lm_head.weight if h_t is not None else None
             return LowRankCloneOutput(None, None, totals, hidden, head_w, teacher_hidden,
                                       teacher_head)  # fmt: skip
         teacher_logits = None
-        if with_teacher:
+        if teacher_hidden is not None:
             with torch.no_grad():
                 teacher_logits = teacher.lm_head(teacher_hidden)
         return LowRankCloneOutput(F.linear(hidden, head_w), teacher_logits, totals)
