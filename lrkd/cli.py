@@ -17,13 +17,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from lrkd import __version__
+from lrkd.callbacks.export import export_student
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
-from lrkd.diagnostics.rank import DEFAULT_C, RankReport
+from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
+from lrkd.distributed import close_process_group
+from lrkd.env import report as env_report
+from lrkd.models.teachers import load_teacher
 from lrkd.module import RENAMED as MODEL_RENAMED
 from lrkd.module import DistillationModule
 
@@ -40,8 +46,6 @@ def default_precision() -> str:
     """``trainer.precision`` when a config gives none: ``bf16-mixed`` where a CUDA GPU supports
     bf16 (bf16 tensor-core matmuls, and the LRC weights generated in bf16), else ``32-true``
     (Lightning's own default)."""
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
@@ -98,8 +102,6 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
     """
     import tempfile
 
-    import torch
-
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
@@ -117,9 +119,6 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
 
 
 def _export_file(path: Path, name: str, out: str, teacher: str | None, dtype: Any) -> Path:
-    import torch
-
-    from lrkd.callbacks.export import export_student
 
     # mmap: only the hyperparameters are read here; the weights are loaded once, below.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -141,7 +140,6 @@ def _export_file(path: Path, name: str, out: str, teacher: str | None, dtype: An
 def _single_file(folder: Path, target: Path) -> Path:
     """Gather a sharded checkpoint folder (torch.distributed.checkpoint shards + Lightning's
     ``meta.pt``) into one checkpoint file with the model weights, in this process."""
-    import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     meta = folder / "meta.pt"  # Lightning's metadata file: hyperparameters, loops, callbacks
@@ -197,10 +195,6 @@ def rank(
     Returns:
         The report (its table is printed).
     """
-    import torch
-
-    from lrkd.diagnostics.rank import rank_report
-    from lrkd.models.teachers import load_teacher
 
     model = load_teacher(teacher, dtype=torch.float32, field="--teacher")
     report = rank_report(model, num_tokens, c=c, widths=widths, probe_tokens=probe_tokens)
@@ -330,8 +324,6 @@ SUBCOMMANDS: dict[str, str] = {
 
 def usage() -> str:
     """The top-level ``lrkd --help`` text: every subcommand, one line each."""
-    from lrkd import __version__
-
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items())
     return (
@@ -370,14 +362,10 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         print(usage())
         return None
     if isinstance(argv, list) and argv[0] in ("-V", "--version"):
-        from lrkd import __version__
-
         print(f"lrkd {__version__}")
         return None
     if isinstance(argv, list) and argv[0] == "env":
-        from lrkd.env import report
-
-        print(report())
+        print(env_report())
         return None
     if isinstance(argv, list) and argv and argv[0] == "export":
         return _export_main(argv[1:])
@@ -408,8 +396,6 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
 
 def console_main() -> None:
     """The ``lrkd`` console script (exit status 0 on success)."""
-    from lrkd.distributed import close_process_group
-
     main()
     close_process_group()
 

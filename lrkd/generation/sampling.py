@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from tqdm.auto import tqdm
 
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
 from lrkd.data.sampling_settings import check_sampling
+from lrkd.distributed import gathered_copy, is_sharded
 from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
 from lrkd.seeds import row_seed
@@ -68,10 +70,6 @@ def generation_model(model: nn.Module, reuse: nn.Module | None = None) -> nn.Mod
             refreshed in place rather than building a new model (much faster when called every
             training step).
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    from lrkd.distributed import gathered_copy, is_sharded
-
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise NotImplementedError(
             "Generation (pass-rate estimation, on-policy steps, teacher responses) does not run "

@@ -258,6 +258,8 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     ``transformers`` leaves a GGUF ``quantization_config`` on the loaded model, so the model is
     rebuilt from a clean config and the weights are copied over before saving.
     """
+    # Imported here: the zoo's fetch and cache code needs only the standard library, so
+    # `python -m lrkd.models.zoo --help` and cache checks start without torch or transformers.
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from lrkd._compat import drop_provenance
