@@ -12,26 +12,31 @@ r* = c * sqrt(N) suggests and the teacher's spectral tail at each width.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lrkd import __version__
-from lrkd.callbacks.export import export_student
+from lrkd.callbacks.export import check_empty_dir, export_student
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
+from lrkd.errors import setting_error, short_message
 from lrkd.models.teachers import load_teacher
 from lrkd.module import RENAMED as MODEL_RENAMED
 from lrkd.module import DistillationModule
+from lrkd.preflight import check_hardware, check_trainer, check_writable, resume_differences
+
+log = logging.getLogger("lrkd")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "runs",
@@ -51,6 +56,15 @@ def default_precision() -> str:
     return "32-true"
 
 
+class ShortErrorParser(LightningArgumentParser):
+    """The parser of ``lrkd fit`` & co.: a bad argument ends in one short line naming the field
+    (:func:`lrkd.errors.short_message`), not the alternatives jsonargparse tried."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print the usage and ``error: <field>: <reason>``, and exit with status 2."""
+        super().error(short_message(message), ex)
+
+
 class LRKDCLI(LightningCLI):
     """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``, and
     bf16 mixed precision on a GPU that supports it (:func:`default_precision`).
@@ -59,11 +73,29 @@ class LRKDCLI(LightningCLI):
     tokenizer is the teacher's when the config gives a teacher by name and no ``data.tokenizer``;
     a :class:`~lrkd.data.datamodule.DistillDataModule` gets its
     :class:`~lrkd.callbacks.pacing.PassRatePacing` callback.
+
+    Bad settings fail before any work, each with one line that names the field
+    (:mod:`lrkd.preflight`); resuming with ``--ckpt_path`` follows the rules of
+    :func:`lrkd.preflight.resume_differences` (docs/failures.md).
     """
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, check that a ``--ckpt_path`` file is a readable checkpoint, and keep the
+        config's model section: LightningCLI then replaces it by the checkpoint's."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        self._resumed: dict[str, Any] | None = None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(Path(ckpt_path), "--ckpt_path")
+            self._resumed = {"path": ckpt_path, "model": config["model"].clone()}
+
     def before_instantiate_classes(self) -> None:
-        """Fill in ``data.tokenizer`` from ``model.teacher``."""
+        """Apply the resume rules, and fill in ``data.tokenizer`` from ``model.teacher``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self._resumed is not None:
+            self._apply_resume_rules(config)
         data, model = config.get("data"), config.get("model")
         teacher = model.get("teacher") if model is not None else None
         init_args = data.get("init_args") if data is not None else None
@@ -71,8 +103,43 @@ class LRKDCLI(LightningCLI):
         if isinstance(teacher, str) and wants and init_args.tokenizer is None:
             init_args.tokenizer = teacher
 
+    def _apply_resume_rules(self, config: Any) -> None:
+        """Refuse a config whose teacher, student, optimizer or scheduler differs from the
+        checkpoint's; for the other model settings, the config wins and the change is logged."""
+        assert self._resumed is not None
+        given = self._resumed["model"]
+        refused, changed = resume_differences(given.as_dict(), config["model"].as_dict())
+        if refused:
+            fields = ", ".join(line.split(":")[0] for line in refused)
+            print("lrkd: a resumed run cannot change these settings of its checkpoint:\n  "
+                  + "\n  ".join(refused), file=sys.stderr)  # fmt: skip
+            print(f"error: --ckpt_path {self._resumed['path']}: the config differs from the "
+                  f"checkpoint in {fields}; use the checkpoint's values or start a new run "
+                  "(docs/failures.md)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
+        for line in changed:
+            log.warning("lrkd: resuming with a changed setting: %s (the config's is used)", line)
+        config["model"] = given
+
+    def instantiate_classes(self) -> None:
+        """Instantiate; a setting that lrkd's code refuses ends the command with its message as
+        the last line (``LRKD_TRACEBACK=1`` shows the traceback)."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, OSError, RuntimeError) as err:
+            cause = setting_error(err)
+            if cause is None or os.environ.get("LRKD_TRACEBACK"):
+                raise
+            message = " ".join(str(cause).split())
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer, with PassRatePacing added for a DistillDataModule that has none."""
+        """The Trainer (after :func:`lrkd.preflight.check_hardware`), with PassRatePacing added
+        for a DistillDataModule that has none."""
+        trainer_config = (self.config_init[self.subcommand] if self.subcommand
+                          else self.config_init).get("trainer", {})  # fmt: skip
+        check_hardware(trainer_config.get("accelerator"), trainer_config.get("strategy"))
         if isinstance(self.datamodule, DistillDataModule) and "callbacks" not in kwargs:
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             given = config.get("trainer", {}).get("callbacks") or []
@@ -81,8 +148,23 @@ class LRKDCLI(LightningCLI):
                 kwargs["callbacks"] = [*callbacks, PassRatePacing()]
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        """Refuse a run that would train nothing or could not save its work
+        (:func:`lrkd.preflight.check_trainer`)."""
+        try:
+            check_trainer(self.trainer)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
 
-def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "float32") -> Path:
+
+def export(
+    ckpt_path: str,
+    out: str,
+    teacher: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
     """Write the student of a ``lrkd fit`` checkpoint as a Hugging Face model directory.
 
     The student is rebuilt from the config recorded in the checkpoint, its trained weights are
@@ -95,35 +177,39 @@ def export(ckpt_path: str, out: str, teacher: str | None = None, dtype: str = "f
             a file, or the folder of a sharded checkpoint (FSDP2 with
             ``save_distributed_checkpoint: true``), which is read in this one process (the
             whole checkpoint must fit in CPU memory).
-        out: the output directory.
+        out: the output directory: new or empty, unless ``overwrite``.
         teacher: load the teacher from here instead of the location recorded in the
             checkpoint (e.g. after moving to another machine).
         dtype: dtype of the written weights: ``float32`` or ``bfloat16``.
+        overwrite: write into a non-empty ``out``, replacing the files the export writes (other
+            files there are never changed or deleted).
     """
     import tempfile
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
+    if not overwrite:  # before the (slow) load
+        check_empty_dir(Path(out), "--out")
+    check_writable(Path(out), "--out")
     path = Path(ckpt_path)
     if path.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             single = _single_file(path, Path(tmp) / "checkpoint.ckpt")
-            written = _export_file(single, ckpt_path, out, teacher, dtypes[dtype])
+            written = _export_file(single, ckpt_path, out, teacher, dtypes[dtype], overwrite)
     elif path.is_file():
-        written = _export_file(path, ckpt_path, out, teacher, dtypes[dtype])
+        written = _export_file(path, ckpt_path, out, teacher, dtypes[dtype], overwrite)
     else:
         raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file or folder.")
     logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, written)
     return written
 
 
-def _export_file(path: Path, name: str, out: str, teacher: str | None, dtype: Any) -> Path:
-
+def _export_file(
+    path: Path, name: str, out: str, teacher: str | None, dtype: Any, overwrite: bool
+) -> Path:
     # mmap: only the hyperparameters are read here; the weights are loaded once, below.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    hparams = checkpoint.get("hyper_parameters", {})
-    del checkpoint
+    hparams = read_checkpoint(path, "--ckpt_path").get("hyper_parameters", {})
     if "student" not in hparams:
         raise ValueError(
             f"{name} does not record how its student was built (it was not written by "
@@ -134,7 +220,30 @@ def _export_file(path: Path, name: str, out: str, teacher: str | None, dtype: An
     if teacher is not None:
         overrides["teacher"] = teacher
     module = DistillationModule.load_from_checkpoint(path, map_location="cpu", **overrides)
-    return export_student(module.student, out, module.tokenizer, dtype=dtype)
+    return export_student(module.student, out, module.tokenizer, dtype=dtype, overwrite=overwrite)
+
+
+def read_checkpoint(path: Path, field: str) -> dict[str, Any]:
+    """The checkpoint file ``path``, memory-mapped (the weights are read only when touched).
+
+    Raises:
+        ValueError: naming ``field``: the file is truncated, still being written, or not a
+            Lightning checkpoint.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{field}={str(path)!r} is not a readable checkpoint (truncated, still being "
+            f"written, or another kind of file: {reason[:120]}); give a .ckpt written by lrkd fit."
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{field}={str(path)!r} is not a Lightning checkpoint (no state_dict); give a .ckpt "
+            "written by lrkd fit."
+        )
+    return checkpoint
 
 
 def _single_file(folder: Path, target: Path) -> Path:
@@ -388,6 +497,7 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         DistillationModule,
         LightningDataModule,
         subclass_mode_data=True,
+        parser_class=ShortErrorParser,
         trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision()},
         save_config_kwargs={"overwrite": True},
         args=argv if isinstance(argv, list) else args,

@@ -284,7 +284,10 @@ class DistillationModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimizer over the student's trainable parameters (never the teacher's)."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
+        try:
+            optimizer = self.optimizer(params)
+        except ValueError as err:  # torch's own checks: "Invalid learning rate: -0.001", ...
+            raise ValueError(f"model.optimizer: {err}; fix model.optimizer.init_args.") from err
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

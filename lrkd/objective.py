@@ -219,6 +219,19 @@ class DistillationObjective(nn.Module):
             raise ValueError(
                 f"model.loss: {err} (see model.loss.temperature, jsd_beta, skew_alpha)."
             ) from err
+        weights = {"kd_weight": loss.kd_weight, "ce_weight": loss.ce_weight,
+                   "clone_weight": loss.clone_weight}  # fmt: skip
+        negative = [f"{name}={value}" for name, value in weights.items() if value < 0]
+        if negative:
+            raise ValueError(
+                f"model.loss.{', '.join(negative)}: a negative weight would maximise its term; "
+                "loss weights must be >= 0."
+            )
+        if not any(weights.values()):
+            raise ValueError(
+                "model.loss: kd_weight, ce_weight and clone_weight are all 0, so nothing would be "
+                "trained; set kd_weight (e.g. 1.0)."
+            )
         self.default_temperature = loss.temperature
         self.scale_by_temperature_squared = loss.scale_by_temperature_squared
         self.kd_weight = loss.kd_weight

@@ -15,6 +15,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def stop_after(step: int):
+    """A callback that ends training after optimizer step ``step`` (``trainer.should_stop``),
+    as an interruption would, while ``trainer.max_steps`` stays the whole run's."""
+    from lightning.pytorch import Callback
+
+    class StopAfter(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step >= step:
+                trainer.should_stop = True
+
+    return StopAfter()
+
+
 def make_tokenizer():
     """A character-level fast tokenizer over printable ASCII with a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

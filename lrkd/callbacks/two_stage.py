@@ -151,6 +151,13 @@ class TwoStageKL(Callback):
                 )
             self.switch_step = round(self.switch_fraction * int(total))  # type: ignore[operator]
             log.info("lrkd: TwoStageKL switches at step %d of %d", self.switch_step, int(total))
+        elif self.switch_step >= trainer.estimated_stepping_batches:
+            raise ValueError(
+                f"TwoStageKL: switch_step={self.switch_step}, but the run has only "
+                f"{trainer.estimated_stepping_batches} optimizer steps (trainer.max_steps="
+                f"{trainer.max_steps}), so stage 2 would never run; set switch_step below it "
+                "(or use switch_fraction)."
+            )
         self._enter(trainer, pl_module, self._stage_at(trainer.global_step))
 
     def on_train_batch_start(

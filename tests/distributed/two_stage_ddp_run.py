@@ -1,8 +1,9 @@
 """A two-stage (forward then on-policy reverse KL) paced run on 2 CPU processes (gloo).
 
-Usage: python two_stage_ddp_run.py OUT_DIR NAME MAX_STEPS STRATEGY STUDENT [CKPT], STRATEGY
+Usage: python two_stage_ddp_run.py OUT_DIR NAME STOP_AT STRATEGY STUDENT [CKPT], STRATEGY
 ``ddp`` or ``fsdp2``, STUDENT ``plain`` or ``lrc``. Trains the tiny teacher's student for
-MAX_STEPS steps with TwoStageKL switching at step 4, checkpointing every step under
+MAX_STEPS = 7 steps, interrupted after step STOP_AT (7: never), with TwoStageKL switching at
+step 4, checkpointing every step under
 OUT_DIR/NAME/ckpt, resuming from CKPT when given; each rank writes OUT_DIR/NAME/rank<r>.json with
 the stage, divergence and on-policy flag of every step it trained. Teacher responses, pass-rate
 estimates and on-policy rollouts all run under the strategy (under FSDP2 on gathered copies).
@@ -22,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
+from conftest import make_tiny_llama, make_tokenizer, stop_after, tiny_paced_datamodule
 
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
@@ -33,6 +34,7 @@ from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
 SWITCH_STEP = 4
+MAX_STEPS = 7
 
 
 class Record(Callback):
@@ -51,7 +53,7 @@ class Record(Callback):
 
 
 def main(
-    out_dir: str, name: str, max_steps: int, strategy: str, student: str, ckpt: str | None
+    out_dir: str, name: str, stop_at: int, strategy: str, student: str, ckpt: str | None
 ) -> None:
     out = Path(out_dir)
     teacher_dir = out / "teacher"
@@ -76,7 +78,7 @@ def main(
         accelerator="cpu",
         devices=2,
         strategy=FSDP2Strategy() if strategy == "fsdp2" else "ddp",
-        max_steps=max_steps,
+        max_steps=MAX_STEPS,
         limit_val_batches=0,
         logger=False,
         log_every_n_steps=1,
@@ -88,6 +90,7 @@ def main(
             record,
             ModelCheckpoint(dirpath=out / name / "ckpt", every_n_train_steps=1, save_top_k=-1,
                             filename="{step}"),
+            stop_after(stop_at),  # an interruption after that step (MAX_STEPS: the whole run)
         ],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -221,3 +221,83 @@ def test_export_explains_a_checkpoint_without_a_student_config(tmp_path) -> None
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="export_student"):
         main(["export", "--ckpt_path", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "o")])
+
+
+def test_resume_refuses_a_changed_student_and_takes_changed_loss_settings(
+    tmp_path, tiny_teacher_dir, capsys, caplog
+) -> None:
+    """--ckpt_path with a config that differs from the checkpoint: a student of another shape
+    is refused before any work, naming the field; a changed divergence and temperature are
+    used (not silently replaced by the checkpoint's) and logged."""
+    config = _config(tmp_path, tiny_teacher_dir)
+    main(["fit", "--config", config, "--trainer.max_steps", "2"])
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--ckpt_path", ckpt,
+              "--model.student.init_args.hidden_size", "64"])  # fmt: skip
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --ckpt_path {ckpt}: the config differs from the checkpoint")
+    assert "model.student.init_args.hidden_size" in last
+
+    with caplog.at_level("WARNING", logger="lrkd"):
+        cli = main(["fit", "--config", config, "--ckpt_path", ckpt, "--trainer.max_steps", "3",
+                    "--model.loss.divergence", "reverse_kl",
+                    "--model.loss.temperature", "2"])  # fmt: skip
+    assert cli.model.objective.divergence.kind == "reverse_kl"
+    assert cli.model.objective.divergence.temperature == 2.0
+    assert cli.trainer.global_step == 3
+    changed = [
+        r.getMessage() for r in caplog.records if "resuming with a changed" in r.getMessage()
+    ]
+    assert any("model.loss.divergence: 'forward_kl' in the checkpoint, 'reverse_kl'" in m
+               for m in changed), changed  # fmt: skip
+    assert any("model.loss.temperature" in m for m in changed), changed
+
+
+def test_export_refuses_a_non_empty_directory_and_never_deletes_other_files(tmp_path) -> None:
+    from conftest import make_tiny_llama, make_tokenizer
+
+    from lrkd.callbacks.export import export_student
+
+    out = tmp_path / "out"
+    out.mkdir()
+    unrelated = {"model-00001-of-00002.safetensors": b"old shard", "notes.txt": b"mine"}
+    for name, content in unrelated.items():
+        (out / name).write_bytes(content)
+    student = make_tiny_llama(seed=1)
+    with pytest.raises(FileExistsError, match=r"--out='.*out' is not empty \(2 entries"):
+        export_student(student, out, make_tokenizer())
+    assert sorted(p.name for p in out.iterdir()) == sorted(unrelated)
+
+    export_student(student, out, make_tokenizer(), overwrite=True)
+    for name, content in unrelated.items():
+        assert (out / name).read_bytes() == content  # untouched
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+    class Broken(torch.nn.Module):
+        def save_pretrained(self, path) -> None:
+            (path / "model.safetensors").write_bytes(b"half written")
+            raise OSError("disk full")
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OSError, match="disk full"):
+        export_student(Broken(), out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "truncated"])
+def test_export_names_an_unreadable_checkpoint(tmp_path, content) -> None:
+    path = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"--ckpt_path='.*bad\.ckpt' is not a readable checkpoint"):
+        main(["export", "--ckpt_path", str(path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

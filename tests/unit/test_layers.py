@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[2] / "lrkd"
 
 #: Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("lrkd", "lrkd._compat", "lrkd.seeds", "lrkd.losses", "lrkd.env"),
+    ("lrkd", "lrkd._compat", "lrkd.seeds", "lrkd.losses", "lrkd.env", "lrkd.errors"),
     ("lrkd.models",),
     ("lrkd.distributed",),
     ("lrkd.data",),
     ("lrkd.generation",),
     ("lrkd.objective", "lrkd.assembly", "lrkd.diagnostics"),
-    ("lrkd.callbacks",),
+    ("lrkd.callbacks", "lrkd.preflight"),
     ("lrkd.module",),
     ("lrkd.cli",),
 )

@@ -299,3 +299,22 @@ def test_setting_blocks_are_saved_as_plain_values_and_load_back(tmp_path, tiny_t
     assert loaded.on_policy.eos_token_ids == [2, 3]
     for key, value in module.student.state_dict().items():
         torch.testing.assert_close(loaded.student.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (Loss(kd_weight=-1.0), r"model\.loss\.kd_weight=-1\.0: a negative weight would maximise"),
+        (Loss(ce_weight=-0.5, clone_weight=-2.0), r"ce_weight=-0\.5, clone_weight=-2\.0"),
+        (Loss(kd_weight=0.0), r"kd_weight, ce_weight and clone_weight are all 0"),
+    ],
+)
+def test_loss_weights_must_be_non_negative_and_not_all_zero(loss: Loss, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _module(loss=loss)
+
+
+def test_an_invalid_optimizer_setting_names_the_field() -> None:
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=-0.001))
+    with pytest.raises(ValueError, match=r"model\.optimizer: Invalid learning rate: -0\.001"):
+        module.configure_optimizers()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, stop_after
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -54,7 +54,7 @@ def _module(**kwargs) -> DistillationModule:
 
 def _fit(
     root: Path, max_steps: int, callback: TwoStageKL, *, ckpt_path: str | None = None,
-    module: LightningModule | None = None, **trainer_kwargs,
+    module: LightningModule | None = None, extra_callbacks: list | None = None, **trainer_kwargs,
 ) -> tuple[Trainer, Probe, list[dict[str, str]]]:  # fmt: skip
     seed_everything(0)
     probe = Probe()
@@ -65,6 +65,7 @@ def _fit(
             callback, probe,
             ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1,
                             filename="{step}"),
+            *(extra_callbacks or []),
         ],
         **trainer_kwargs,
     )  # fmt: skip
@@ -130,7 +131,7 @@ def test_resumed_run_matches_uninterrupted_stages(tmp_path, stop_at: int) -> Non
         return TwoStageKL(switch_step=5, second_lr_scale=0.5)
 
     full, full_probe, full_rows = _fit(tmp_path / "full", 9, callback())
-    _fit(tmp_path / "first", stop_at, callback())
+    _fit(tmp_path / "first", 9, callback(), extra_callbacks=[stop_after(stop_at)])
     resumed, resumed_probe, resumed_rows = _fit(
         tmp_path / "resumed", 9, callback(),
         ckpt_path=str(tmp_path / "first" / "ckpt" / f"step={stop_at}.ckpt"),
@@ -227,3 +228,16 @@ def test_refuses_a_module_it_cannot_drive(tmp_path) -> None:
                       callbacks=[TwoStageKL(switch_step=1)])  # fmt: skip
     with pytest.raises(TypeError, match="objective and an on_policy sampler"):
         trainer.fit(Plain(), DataLoader([torch.zeros(2)]))
+
+
+def test_a_switch_after_the_last_step_is_refused_at_startup(tmp_path) -> None:
+    probe_steps = []
+
+    class Steps(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            probe_steps.append(trainer.global_step)
+
+    with pytest.raises(ValueError, match=r"switch_step=100, but the run has only 16 optimizer "
+                                         r"steps \(trainer.max_steps=16\)"):  # fmt: skip
+        _fit(tmp_path, 16, TwoStageKL(switch_step=100), extra_callbacks=[Steps()])
+    assert probe_steps == []  # refused before the first step
