@@ -233,10 +233,9 @@ def read_checkpoint(path: Path, field: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{field}={str(path)!r} is not a readable checkpoint (truncated, still being "
-            f"written, or another kind of file: {reason[:120]}); give a .ckpt written by lrkd fit."
+            f"{field}={str(path)!r} is not a readable checkpoint (truncated, still being written, "
+            "or another kind of file); give a .ckpt written by lrkd fit."
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
@@ -490,8 +489,9 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
                 + "\n  ".join(renamed),
                 file=sys.stderr,
             )
-            print(f"error: rename {len(renamed)} argument(s) as shown (docs/configuration.md)",
-                  file=sys.stderr)  # fmt: skip
+            first = renamed[0].split(" (")[0]
+            more = f" and {len(renamed) - 1} more, as shown above" if len(renamed) > 1 else ""
+            print(f"error: rename {first}{more} (docs/configuration.md)", file=sys.stderr)
             raise SystemExit(2)
     return LRKDCLI(
         DistillationModule,

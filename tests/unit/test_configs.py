@@ -113,7 +113,10 @@ def test_a_config_of_the_previous_layout_names_every_renamed_argument(capsys) ->
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     # 7 model and 15 data arguments in the file, one of each on the command line.
-    assert err[-1] == "error: rename 24 argument(s) as shown (docs/configuration.md)"
+    assert err[-1] == (
+        "error: rename model.divergence -> model.loss.divergence and 23 more, as shown above "
+        "(docs/configuration.md)"
+    )
     expected = [
         "model.divergence -> model.loss.divergence",
         "model.ce_weight -> model.loss.ce_weight",
