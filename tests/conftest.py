@@ -69,6 +69,10 @@ def tiny_paced_datamodule(teacher_dir, cache_dir, **overrides):
     """A DistillDataModule of 24 built-in problems for the tiny teacher, with a verifier that a
     random model passes about half the time.
 
+    Its word problems' prompts (up to 115 tokens) are longer than ``seq_length=48``, so no
+    response token of theirs is a target: ``overlong="keep"`` keeps them as the golden runs do
+    (``tests/golden/scenarios.py``), cut and with a warning.
+
     ``overrides`` replace any argument; a field of a setting block may be given by its short
     name of ``lrkd.data.paced_settings.RENAMED`` (``weighting="uniform"`` sets
     ``pacing.weighting``), and ``teacher_responses="dataset"`` sets its ``source``.
@@ -98,7 +102,8 @@ def tiny_paced_datamodule(teacher_dir, cache_dir, **overrides):
         blocks[block] = replace(blocks[block], **{field: overrides.pop(name)})
     args = dict(
         tokenizer=str(teacher_dir), num_problems=24, val_fraction=0.25, chat_template=False,
-        verifier=even_first_character_verifier(), batch_size=4, seq_length=48, **blocks,
+        verifier=even_first_character_verifier(), batch_size=4, seq_length=48,
+        overlong="keep", **blocks,
     )  # fmt: skip
     args.update(overrides)
     return DistillDataModule(**args)

@@ -40,6 +40,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lrkd.data.checks import check_at_least, check_choice, check_fraction
+from lrkd.data.overlong import OVERLONG_MODES, fit_row, keep_rows, warn_long_rows
 from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.pacing import (
     APPLY_MODES,
@@ -77,14 +79,17 @@ _RESPONSE_SOURCES = ("auto", "dataset", "generate")
 class _Examples(Dataset):
     """Prompt + response examples (:func:`~lrkd.data.text.prompt_response_example`) that also
     carry their problem's index, for the per-example weight, and with ``teacher_prompts`` the
-    teacher's view of the same response (``teacher_*`` keys)."""
+    teacher's view of the same response (``teacher_*`` keys). ``overlong``: ``truncate_left``
+    cuts a row longer than ``seq_length`` at the start of its prompt (the teacher's prompt is
+    never cut)."""
 
     def __init__(
         self, prompts: Sequence[list[int]], responses: Sequence[list[int]], seq_length: int,
-        teacher_prompts: Sequence[list[int]] | None = None,
+        teacher_prompts: Sequence[list[int]] | None = None, overlong: str = "error",
     ) -> None:  # fmt: skip
         self.examples = []
-        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        for i, row in enumerate(zip(prompts, responses, strict=True)):
+            prompt, response = fit_row(*row, seq_length, overlong)
             example = prompt_response_example(prompt, response, seq_length)
             example["problem_index"] = torch.tensor(i)
             if teacher_prompts is not None:
@@ -177,10 +182,21 @@ class DistillDataModule(LightningDataModule):
             (:class:`~lrkd.data.paced_settings.Validation`: ``num_samples``, ``max_problems``).
         samples_per_epoch: training examples per epoch; ``None`` is the number of training
             problems.
-        seq_length: prompt + response rows are truncated to this many tokens.
+        seq_length: the student's prompt + response rows are truncated to this many tokens (a
+            row cut at its response's end is counted in a warning; the teacher's view with
+            ``teacher_prompt_template`` is the same response after the teacher's whole prompt).
         batch_size: examples per batch (per device).
         num_workers: DataLoader worker processes.
         seed: seed of the built-in problems, the split, the sampler and the rollouts.
+        overlong: what to do with a problem whose formatted prompt alone has ``seq_length``
+            tokens or more, so that no response token would be trained on (checked in
+            ``setup``, before the teacher writes responses): ``error`` (refuse the data, naming
+            the count and the ``seq_length`` that fits), ``drop`` (leave those problems out of
+            training and validation, with a warning giving the count), ``truncate_left``
+            (every row longer than ``seq_length`` loses the start of the student's prompt
+            instead of the end of its response, with a warning giving the count; pass rates
+            are still estimated on the whole prompt) or ``keep`` (keep them as cut, with no
+            target, with a warning: what earlier versions did silently).
     """
 
     def __init__(
@@ -205,15 +221,22 @@ class DistillDataModule(LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        overlong: str = "error",
     ) -> None:
         super().__init__()
-        _check_settings(prompt_template, teacher_prompt_template, teacher_responses, rollouts,
-                        pacing, validation, num_problems=num_problems, batch_size=batch_size,
-                        seq_length=seq_length)  # fmt: skip
-        self.bucket_edges = check_bucket_edges(pacing.bucket_edges)
+        _check_settings(
+            prompt_template, teacher_prompt_template, teacher_responses, rollouts, pacing,
+            validation, val_fraction=val_fraction, overlong=overlong,
+            problem_kinds=problem_kinds, difficulties=difficulties,
+            num_problems=(num_problems, 1), batch_size=(batch_size, 1),
+            seq_length=(seq_length, 2), num_workers=(num_workers, 0),
+            samples_per_epoch=(samples_per_epoch, 1),
+        )  # fmt: skip
+        self.bucket_edges = check_bucket_edges(pacing.bucket_edges, "data.pacing.bucket_edges")
         self.teacher_responses, self.rollouts = teacher_responses, rollouts
         self.pacing, self.validation = pacing, validation
-        self.verifier = get_verifier(verifier)
+        self.verifier = get_verifier(verifier, "data.verifier")
+        self.overlong = overlong
         self.train_files, self.val_files = train_files, val_files
         self.num_problems, self.problem_kinds = num_problems, list(problem_kinds)
         self.difficulties, self.val_fraction = list(difficulties), val_fraction
@@ -271,6 +294,36 @@ class DistillDataModule(LightningDataModule):
             }
         for split, problems in (("train", train), ("val", val)):
             self._responses[split] = self._dataset_responses(split, problems)
+        self._leave_out_overlong()
+
+    def _leave_out_overlong(self) -> None:
+        """Refuse or drop (``overlong``) the problems whose student prompt leaves no room for a
+        response token within ``seq_length``, before any response is generated (the teacher's
+        prompt is not cut to ``seq_length``, so it cannot leave a row without a target)."""
+        splits = ("train", "val")
+        pairs = {split: list(zip(self._prompts[split], self._responses[split], strict=True))
+                 for split in splits}  # fmt: skip
+        totals = None
+        if all(r is not None for rows in pairs.values() for _, r in rows):  # responses known
+            totals = {split: [len(p) + len(r) for p, r in rows] for split, rows in pairs.items()}
+        keep = keep_rows(
+            {split: [len(p) for p in self._prompts[split]] for split in splits},
+            {split: [f"problem id {p.id!r}" for p in self.problems(split)] for split in splits},
+            self.seq_length, self.overlong, "problems", totals,
+        )  # fmt: skip
+        for split in splits:
+            if len(keep[split]) == len(self._prompts[split]):
+                continue
+            indices = keep[split]
+            self._prompts[split] = [self._prompts[split][i] for i in indices]
+            self._responses[split] = [self._responses[split][i] for i in indices]
+            if self._teacher_prompts:
+                self._teacher_prompts[split] = [self._teacher_prompts[split][i] for i in indices]
+            problems = [self.problems(split)[i] for i in indices]
+            if split == "train":
+                self.train_problems = problems
+            else:
+                self.val_problems = problems
 
     def problems(self, split: str) -> list[Problem]:
         """The problems of ``split`` (``train`` or ``val``)."""
@@ -339,6 +392,7 @@ class DistillDataModule(LightningDataModule):
         problems whose response the verifier accepts."""
         if self._examples:
             return
+        lengths: list[tuple[int, int]] = []
         for split in ("train", "val"):
             problems = self.problems(split)
             if not problems:
@@ -371,8 +425,11 @@ class DistillDataModule(LightningDataModule):
                 self._derived = None
             self._examples[split] = _Examples(
                 self._prompts[split], responses, self.seq_length,
-                self._teacher_prompts.get(split),
+                self._teacher_prompts.get(split), self.overlong,
             )  # fmt: skip
+            lengths += [(len(p), len(r)) for p, r in zip(self._prompts[split], responses,
+                                                         strict=True)]  # fmt: skip
+        warn_long_rows(lengths, self.seq_length, self.overlong, "problems")
 
     def examples(self, split: str) -> Dataset | None:
         """The prompt + response examples of ``split`` (after :meth:`build_examples`)."""
@@ -529,13 +586,20 @@ def _check_settings(
     rollouts: Rollouts,
     pacing: Pacing,
     validation: Validation,
-    **positive: int,
+    *,
+    val_fraction: float,
+    overlong: str,
+    problem_kinds: Sequence[str],
+    difficulties: Sequence[int],
+    **at_least: tuple[float | None, float],
 ) -> None:
-    """Every DataModule setting that can be checked before data is read, by its config name."""
-    _check_choice("pacing.weighting", pacing.weighting, WEIGHTINGS)
-    _check_choice("pacing.apply_weights", pacing.apply_weights, APPLY_MODES)
-    _check_choice("pacing.cold_start", pacing.cold_start, COLD_STARTS)
-    _check_choice("teacher_responses.source", responses.source, _RESPONSE_SOURCES)
+    """Every DataModule setting that can be checked before data is read, by its config name.
+    ``at_least`` maps more settings (their names after ``data.``) to ``(value, minimum)``."""
+    check_choice("data.pacing.weighting", pacing.weighting, WEIGHTINGS)
+    check_choice("data.pacing.apply_weights", pacing.apply_weights, APPLY_MODES)
+    check_choice("data.pacing.cold_start", pacing.cold_start, COLD_STARTS)
+    check_choice("data.teacher_responses.source", responses.source, _RESPONSE_SOURCES)
+    check_choice("data.overlong", overlong, OVERLONG_MODES)
     if "{prompt}" not in prompt_template:
         raise ValueError(
             f"data.prompt_template={prompt_template!r} must contain {{prompt}}, where the "
@@ -546,25 +610,33 @@ def _check_settings(
             f"data.teacher_prompt_template={teacher_prompt_template!r} must contain "
             "{prompt}, where the problem's prompt goes."
         )
-    positive.update({"rollouts.num_samples": rollouts.num_samples,
-                     "rollouts.batch_size": rollouts.batch_size})  # fmt: skip
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"data.{name} must be at least 1, got {value}")
+    if not problem_kinds or any(kind not in KINDS for kind in problem_kinds):
+        raise ValueError(
+            f"data.problem_kinds={list(problem_kinds)}; choose some of {', '.join(KINDS)}."
+        )
+    if not difficulties or any(level not in DIFFICULTIES for level in difficulties):
+        raise ValueError(
+            f"data.difficulties={list(difficulties)}; choose some of "
+            f"{', '.join(map(str, DIFFICULTIES))}."
+        )
+    check_fraction("data.val_fraction", val_fraction)
+    at_least.update({
+        "rollouts.num_samples": (rollouts.num_samples, 1),
+        "rollouts.batch_size": (rollouts.batch_size, 1),
+        "validation.num_samples": (validation.num_samples, 0),
+        "validation.max_problems": (validation.max_problems, 1),
+        "pacing.alpha": (pacing.alpha, 0),
+        "pacing.beta": (pacing.beta, 0),
+        "pacing.min_frontier": (pacing.min_frontier, 0),
+        "pacing.estimate_every_n_epochs": (pacing.estimate_every_n_epochs, 0),
+        "pacing.estimate_every_n_steps": (pacing.estimate_every_n_steps, 0),
+    })  # fmt: skip
+    for name, (value, minimum) in at_least.items():
+        check_at_least(f"data.{name}", value, minimum)
     check_sampling(rollouts.max_new_tokens, rollouts.temperature, rollouts.top_p,
                    "data.rollouts.")  # fmt: skip
-    if validation.num_samples < 0:
-        raise ValueError(f"data.validation.num_samples must be >= 0, got {validation.num_samples}")
-    if pacing.alpha < 0 or pacing.beta < 0:
-        raise ValueError(
-            f"data.pacing.alpha and data.pacing.beta must be >= 0, got {pacing.alpha}, "
-            f"{pacing.beta}"
-        )
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"data.{name}={value!r}; choose one of {', '.join(choices)}.")
+    check_sampling(responses.max_new_tokens, responses.temperature, 1.0,
+                   "data.teacher_responses.")  # fmt: skip
 
 
 def _check_unique_ids(problems: Sequence[Problem]) -> None:

@@ -138,7 +138,7 @@ def pacing_weights(
         raise RuntimeError(
             f"cold start: only {int((weight > 0).sum())} of {len(p)} problems have a nonzero "
             f"{weighting} weight (the student solves none, or all, of its samples); set "
-            "data.cold_start to uniform or laplace, or start from a more capable student."
+            "data.pacing.cold_start to uniform or laplace, or start from a more capable student."
         )
     if cold_start == "uniform":
         return PacingWeights(torch.ones_like(p), cold_start=True)
@@ -152,13 +152,14 @@ def _weight(p: Tensor, weighting: str, alpha: float, beta: float) -> Tensor:
     return ((p > 0) & (p < 1)).to(torch.float64)  # hard_filter
 
 
-def check_bucket_edges(edges: Sequence[float]) -> list[float]:
-    """Validate interior bucket edges: strictly increasing, inside (0, 1)."""
+def check_bucket_edges(edges: Sequence[float], name: str = "bucket edges") -> list[float]:
+    """Validate interior bucket edges: strictly increasing, inside (0, 1). ``name`` names them
+    in the error (e.g. the config field ``data.pacing.bucket_edges``)."""
     edges = [float(e) for e in edges]
     if any(not 0.0 < e < 1.0 for e in edges):
-        raise ValueError(f"bucket edges must lie strictly between 0 and 1, got {edges}")
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {edges}")
     if any(b <= a for a, b in itertools.pairwise(edges)):
-        raise ValueError(f"bucket edges must be strictly increasing, got {edges}")
+        raise ValueError(f"{name} must be strictly increasing, got {edges}")
     return edges
 
 

@@ -26,7 +26,15 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lrkd.data.checks import (
+    check_at_least,
+    check_choice,
+    check_fraction,
+    not_utf8,
+    read_utf8,
+)
 from lrkd.data.corpus import builtin_corpus
+from lrkd.data.overlong import OVERLONG_MODES, fit_row, keep_rows, warn_long_rows
 from lrkd.data.resumable import ShuffledSampler
 from lrkd.models.teachers import load_tokenizer
 
@@ -38,17 +46,28 @@ def read_records(
     """Yield ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` records from a file.
 
     Raises:
-        ValueError: a malformed line or record, naming the file and line (or row) number.
+        ValueError: a malformed line or record, or text that is not UTF-8, naming the file and
+            line (or row) number.
         FileNotFoundError: the file does not exist.
     """
+    for _, record in located_records(path, text_field, prompt_field, response_field):
+        yield record
+
+
+def located_records(
+    path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> Iterator[tuple[str, dict[str, str]]]:  # fmt: skip
+    """Yield ``(where, record)`` pairs: each record of :func:`read_records` with its place,
+    ``"<file>:<line>"`` (``"<file>:<row>"`` in parquet; the file for a ``.txt`` paragraph)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
+        for paragraph in read_utf8(path).split("\n\n"):
             if paragraph.strip():
-                yield {"text": paragraph.strip()}
+                yield str(path), {"text": paragraph.strip()}
         return
     if suffix in (".jsonl", ".json"):
         rows: Iterator[tuple[int, Any]] = jsonl_rows(path)
@@ -66,11 +85,11 @@ def read_records(
                 raise ValueError(
                     f"{where}: {prompt_field!r} and {response_field!r} must be strings"
                 )
-            yield {"prompt": prompt, "response": response}
+            yield where, {"prompt": prompt, "response": response}
         elif text_field in row:
             if not isinstance(row[text_field], str):
                 raise ValueError(f"{where}: {text_field!r} must be a string")
-            yield {"text": row[text_field]}
+            yield where, {"text": row[text_field]}
         else:
             raise ValueError(
                 f"{where}: record has neither {text_field!r} nor {prompt_field!r}+"
@@ -79,19 +98,28 @@ def read_records(
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line number, parsed JSON)`` for every non-blank line of a JSONL file.
+    """Yield ``(line number, parsed JSON)`` for every non-blank line of a UTF-8 JSONL file (a
+    leading byte-order mark is dropped).
 
     Raises:
-        ValueError: a line that is not JSON, naming the file and line number.
+        ValueError: a line that is not JSON, or not UTF-8, naming the file and line number.
     """
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open(encoding="utf-8-sig") as f:
+        lines = enumerate(f, start=1)
+        while True:
+            try:
+                line_no, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as err:
+                raise not_utf8(path) from err
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg})") from err
+            yield line_no, row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -99,7 +127,15 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
-    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: a text column is not UTF-8 ({err.reason}); write it as UTF-8 strings"
+        ) from err
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable parquet file ({err})") from err
+    yield from enumerate(rows, start=1)
 
 
 def resolve_tokenizer(name: str | None) -> Any:
@@ -158,7 +194,20 @@ class PackedText(Dataset):
         return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
 
 
-class PromptResponse(Dataset):
+class Examples(Dataset):
+    """Ready examples (dicts of tensors), one per index."""
+
+    def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.examples[index]
+
+
+class PromptResponse(Examples):
     """Prompt+response examples in which only the response tokens are training targets.
 
     Args:
@@ -167,26 +216,55 @@ class PromptResponse(Dataset):
         seq_length: examples are truncated to this many tokens.
         chat_template: format the prompt as a user turn with the tokenizer's chat template
             (when it has one), so that an instruction-tuned teacher sees what it was trained on.
+        overlong: what to do with a record whose prompt leaves no room for a response token
+            within ``seq_length``: ``error``, ``drop``, ``truncate_left`` or ``keep`` (see
+            :mod:`lrkd.data.overlong`).
     """
 
     def __init__(
         self, records: list[dict[str, str]], tokenizer: Any, seq_length: int,
-        chat_template: bool = True,
+        chat_template: bool = True, overlong: str = "error",
     ) -> None:  # fmt: skip
-        self.examples = [
-            prompt_response_example(
-                prompt_token_ids(tokenizer, record["prompt"], chat_template),
-                response_token_ids(tokenizer, record["response"]),
-                seq_length,
-            )
-            for record in records
-        ]  # fmt: skip
+        located = [(f"record {i}", record) for i, record in enumerate(records, start=1)]
+        rows = {"records": prompt_response_rows(located, tokenizer, chat_template)}
+        super().__init__(fit_prompt_responses(rows, seq_length, overlong)["records"])
 
-    def __len__(self) -> int:
-        return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.examples[index]
+Row = tuple[str, list[int], list[int]]
+"""A prompt + response record as ``(where, prompt token ids, response token ids)``."""
+
+
+def prompt_response_rows(
+    located: list[tuple[str, dict[str, str]]], tokenizer: Any, chat_template: bool = True
+) -> list[Row]:
+    """Tokenise ``(where, {"prompt", "response"})`` records into rows."""
+    return [
+        (where, prompt_token_ids(tokenizer, record["prompt"], chat_template),
+         response_token_ids(tokenizer, record["response"]))
+        for where, record in located
+    ]  # fmt: skip
+
+
+def fit_prompt_responses(
+    rows: dict[str, list[Row]], seq_length: int, overlong: str
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Each split's examples of its rows, ``seq_length`` tokens at most: rows whose prompt leaves
+    no room for a response token are refused, dropped or left-truncated by ``overlong`` (all
+    splits checked together), and rows cut at ``seq_length`` are counted in a warning."""
+    keep = keep_rows(
+        {split: [len(p) for _, p, _ in split_rows] for split, split_rows in rows.items()},
+        {split: [where for where, _, _ in split_rows] for split, split_rows in rows.items()},
+        seq_length, overlong, "records",
+        {split: [len(p) + len(r) for _, p, r in split_rows] for split, split_rows in rows.items()},
+    )  # fmt: skip
+    kept = {split: [rows[split][i] for i in indices] for split, indices in keep.items()}
+    warn_long_rows([(len(p), len(r)) for split_rows in kept.values() for _, p, r in split_rows],
+                   seq_length, overlong, "records")  # fmt: skip
+    return {
+        split: [prompt_response_example(*fit_row(p, r, seq_length, overlong), seq_length)
+                for _, p, r in split_rows]
+        for split, split_rows in kept.items()
+    }  # fmt: skip
 
 
 def response_token_ids(tokenizer: Any, response: str) -> list[int]:
@@ -239,7 +317,7 @@ class TextDataModule(LightningDataModule):
         tokenizer: the teacher's tokenizer: a built-in name, local directory or hub id (``lrkd
             fit`` fills in ``model.teacher`` when it is a name and this is left out).
         seq_length: tokens per packed block, and the truncation length of prompt+response
-            examples.
+            examples (a record cut at its response's end is counted in a warning).
         batch_size: examples per batch (per device).
         val_fraction: share of records held out for validation when ``val_files`` is None.
         chat_template: format prompts with the tokenizer's chat template when it has one.
@@ -249,6 +327,14 @@ class TextDataModule(LightningDataModule):
         builtin_documents: number of generated documents when the built-in corpus is used.
         num_workers: DataLoader worker processes.
         seed: seed for the built-in corpus, the validation split and shuffling.
+        overlong: what to do with a prompt+response record whose prompt alone has
+            ``seq_length`` tokens or more, so that no response token would be trained on:
+            ``error`` (refuse the data, naming the count and the ``seq_length`` that fits),
+            ``drop`` (leave those records out, with a warning giving the count),
+            ``truncate_left`` (every record longer than ``seq_length`` loses the start of its
+            prompt instead of the end of its response, with a warning giving the count) or
+            ``keep`` (keep them as cut, with no target, with a warning: what earlier versions
+            did silently). Packed text is never overlong.
     """
 
     def __init__(
@@ -266,12 +352,15 @@ class TextDataModule(LightningDataModule):
         builtin_documents: int = 2000,
         num_workers: int = 0,
         seed: int = 0,
+        overlong: str = "error",
     ) -> None:
         super().__init__()
-        if seq_length < 2:
-            raise ValueError(f"data.seq_length must be at least 2, got {seq_length}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        check_at_least("data.seq_length", seq_length, 2)
+        check_at_least("data.batch_size", batch_size, 1)
+        check_fraction("data.val_fraction", val_fraction)
+        check_at_least("data.builtin_documents", builtin_documents, 1)
+        check_at_least("data.num_workers", num_workers, 0)
+        check_choice("data.overlong", overlong, OVERLONG_MODES)
         self.train_files = train_files
         self.val_files = val_files
         self.tokenizer_name = tokenizer
@@ -284,27 +373,47 @@ class TextDataModule(LightningDataModule):
         self.builtin_documents = builtin_documents
         self.num_workers = num_workers
         self.seed = seed
+        self.overlong = overlong
         self.tokenizer: Any = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self._sampler: ShuffledSampler | None = None
         self._restored_sampler: dict[str, Any] | None = None
 
-    def _records(self, files: list[str] | None) -> list[dict[str, str]]:
+    def _records(self, files: list[str] | None) -> list[tuple[str, dict[str, str]]]:
+        """``(where, record)`` of every record of ``files`` (the built-in corpus for None)."""
         if files is None:
-            return [{"text": doc} for doc in builtin_corpus(self.builtin_documents, self.seed)]
-        return [record for f in files for record in read_records(f, **self.fields)]
+            docs = builtin_corpus(self.builtin_documents, self.seed)
+            return [("the built-in corpus", {"text": doc}) for doc in docs]
+        return [located for f in files for located in located_records(f, **self.fields)]
 
-    def _dataset(self, records: list[dict[str, str]]) -> Dataset:
-        kinds = {"text" if "text" in r else "prompt" for r in records}
-        if len(kinds) > 1:
-            raise ValueError(
-                "data: the files mix plain-text records and prompt+response records; "
-                "give one kind per DataModule"
-            )
-        if kinds == {"text"}:
-            return PackedText([r["text"] for r in records], self.tokenizer, self.seq_length)
-        return PromptResponse(records, self.tokenizer, self.seq_length, self.chat_template)
+    def _datasets(
+        self, splits: dict[str, list[tuple[str, dict[str, str]]]]
+    ) -> dict[str, Dataset | None]:
+        """Each split's dataset (``None`` for a split without records): packed text, or
+        prompt+response examples (their overlong rows handled over all splits together)."""
+        datasets: dict[str, Dataset | None] = {}
+        rows: dict[str, list[Row]] = {}
+        for split, located in splits.items():
+            records = [record for _, record in located]
+            kinds = {"text" if "text" in r else "prompt" for r in records}
+            if len(kinds) > 1:
+                raise ValueError(
+                    "data: the files mix plain-text records and prompt+response records; "
+                    "give one kind per DataModule"
+                )
+            if not records:
+                datasets[split] = None
+            elif kinds == {"text"}:
+                docs = [r["text"] for r in records]
+                datasets[split] = PackedText(docs, self.tokenizer, self.seq_length)
+            else:
+                rows[split] = prompt_response_rows(located, self.tokenizer, self.chat_template)
+        if rows:
+            examples = fit_prompt_responses(rows, self.seq_length, self.overlong)
+            datasets.update({split: Examples(split_examples)
+                             for split, split_examples in examples.items()})  # fmt: skip
+        return datasets
 
     def setup(self, stage: str | None = None) -> None:
         """Read, tokenise and split the data (once)."""
@@ -321,8 +430,13 @@ class TextDataModule(LightningDataModule):
             random.Random(self.seed).shuffle(records)
             n_val = max(1, int(len(records) * self.val_fraction)) if self.val_fraction else 0
             val_records, records = records[:n_val], records[n_val:]
-        self.train_dataset = self._dataset(records)
-        self.val_dataset = self._dataset(val_records) if val_records else None
+            if not records:
+                raise ValueError(
+                    f"data.val_fraction={self.val_fraction} holds out all {n_val} records of "
+                    "data.train_files; give more records, data.val_files or val_fraction 0"
+                )
+        datasets = self._datasets({"train": records, "val": val_records})
+        self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id

@@ -572,7 +572,7 @@ VERIFIERS: dict[str, type[Verifier]] = {
 }
 
 
-def get_verifier(spec: str | Verifier) -> Verifier:
+def get_verifier(spec: str | Verifier, field: str = "verifier") -> Verifier:
     """Return a verifier instance, built by short name with default arguments if needed.
 
     Args:
@@ -580,6 +580,8 @@ def get_verifier(spec: str | Verifier) -> Verifier:
             built-in one: ``final_number``, ``exact_match`` or ``boxed``. ``regex`` needs a
             pattern, so give it by ``class_path: lrkd.data.verifiers.RegexMatch`` with
             ``init_args.pattern``.
+        field: the config name of the setting, which starts each error message (e.g.
+            ``data.verifier``).
 
     Returns:
         The verifier.
@@ -591,18 +593,18 @@ def get_verifier(spec: str | Verifier) -> Verifier:
     if isinstance(spec, Verifier):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"verifier must be a name or a Verifier instance, got {type(spec)!r}")
+        raise TypeError(f"{field} must be a name or a Verifier instance, got {type(spec)!r}")
     name = spec.strip().lower().replace("-", "_")
     if name == "regex":
         raise ValueError(
-            "the 'regex' verifier needs a pattern: give it by class_path "
+            f"{field}: the 'regex' verifier needs a pattern: give it by class_path "
             "lrkd.data.verifiers.RegexMatch with init_args.pattern (and optionally group, "
             "numeric, tolerance, flags)"
         )
     if name not in VERIFIERS:
         known = ", ".join(sorted(VERIFIERS))
         raise ValueError(
-            f"unknown verifier {spec!r}; known names: {known}. A custom verifier is given by "
-            "class_path (a subclass of lrkd.data.verifiers.Verifier) with its init_args"
+            f"{field}: unknown verifier {spec!r}; known names: {known}. A custom verifier is "
+            "given by class_path (a subclass of lrkd.data.verifiers.Verifier) with its init_args"
         )
     return VERIFIERS[name]()

@@ -121,12 +121,12 @@ def test_before_any_estimate_training_is_uniform(tmp_path, tiny_teacher_dir) -> 
         ({"apply_weights": "both"}, "data.pacing.apply_weights"),
         ({"cold_start": "warm"}, "data.pacing.cold_start"),
         ({"teacher_responses": "teacher"}, "data.teacher_responses.source"),
-        ({"prompt_template": "Q:"}, "prompt_template"),
+        ({"prompt_template": "Q:"}, "data.prompt_template"),
         ({"num_rollouts": 0}, "data.rollouts.num_samples"),
         ({"rollout_top_p": 0.0}, "data.rollouts.top_p"),
         ({"rollout_temperature": -1.0}, "data.rollouts.temperature"),
-        ({"bucket_edges": [0.5, 0.2]}, "bucket edges"),
-        ({"verifier": "nope"}, "nope"),
+        ({"bucket_edges": [0.5, 0.2]}, "data.pacing.bucket_edges must be strictly increasing"),
+        ({"verifier": "nope"}, "data.verifier: unknown verifier 'nope'"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, tiny_teacher_dir, kwargs, match) -> None:
