@@ -83,10 +83,11 @@ def keep_rows(
         if total_lengths is not None:
             fit_all = max(n for lengths in total_lengths.values() for n in lengths)
             whole = f" ({fit_all} keeps every response whole)"
+        example = first.rsplit("/", 1)[-1]  # a file's name and line, not its whole path
         raise ValueError(
-            f"data.seq_length={seq_length}: {which_long}, leaving no response token to train on; "
-            f"set data.seq_length to at least {longest + 1}{whole}, or data.overlong to drop or "
-            "truncate_left"
+            f"data.seq_length={seq_length}: {which} have a prompt of {seq_length}+ tokens "
+            f"(longest {longest}, e.g. {example}), so no response token is trained; set "
+            f"data.seq_length >= {longest + 1}{whole}, or data.overlong: drop or truncate_left"
         )
     kept = {split: sorted(set(rows) - set(over[split])) for split, rows in everything.items()}
     for split, rows in kept.items():

@@ -73,10 +73,10 @@ def test_text_overlong_prompts_are_an_error_naming_count_file_and_length(
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("data.seq_length=16: 3 of 7 records (2 train, 1 val) have a prompt")
-    assert f"e.g. {tmp_path / 'train.jsonl'}:2" in message
+    assert "e.g. train.jsonl:2)" in message
     # the longest prompt is 30 tokens: 31 leaves one response token; 30 + 1 + EOS fits whole
-    assert "set data.seq_length to at least 31 (32 keeps every response whole)" in message
-    assert "data.overlong to drop or truncate_left" in message
+    assert "set data.seq_length >= 31 (32 keeps every response whole)" in message
+    assert "data.overlong: drop or truncate_left" in message
 
 
 def test_text_overlong_drop_leaves_those_records_out_with_a_warning(
@@ -196,11 +196,11 @@ def test_distill_overlong_with_dataset_responses_fails_at_setup(tmp_path, tiny_t
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(
-        "data.seq_length=16: 2 of 5 problems (1 train, 1 val) have a prompt of 16 tokens or more "
-        "(longest 25; e.g. problem id 'long')"
+        "data.seq_length=16: 2 of 5 problems (1 train, 1 val) have a prompt of 16+ tokens "
+        "(longest 25, e.g. problem id 'long')"
     )
     # 'vlong' needs 26 for one response token; 'long' is 20 + 10 + EOS = 31 tokens whole
-    assert "at least 26 (31 keeps every response whole)" in message
+    assert ">= 26 (31 keeps every response whole)" in message
 
 
 def test_distill_overlong_generated_responses_fail_before_the_teacher_runs(
@@ -215,7 +215,7 @@ def test_distill_overlong_generated_responses_fail_before_the_teacher_runs(
     assert over > 0
     with pytest.raises(ValueError, match=rf"data.seq_length=48: {over} of 24 problems \(") as info:
         dm.setup()
-    assert f"at least {max(lengths) + 1}," in str(info.value)  # no response known: no whole fit
+    assert f">= {max(lengths) + 1}," in str(info.value)  # no response known: no whole fit
     assert "keeps every response whole" not in str(info.value)
 
 
