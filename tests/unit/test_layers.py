@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2] / "lrkd"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lrkd", "lrkd._compat", "lrkd.seeds", "lrkd.losses", "lrkd.env", "lrkd.errors"),
     ("lrkd.models",),
-    ("lrkd.distributed",),
+    ("lrkd.distributed", "lrkd.checkpointing"),
     ("lrkd.data",),
     ("lrkd.generation",),
     ("lrkd.objective", "lrkd.assembly", "lrkd.diagnostics"),
