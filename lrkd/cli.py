@@ -21,10 +21,13 @@ from typing import Any, NoReturn
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from lrkd import __version__
 from lrkd.callbacks.export import check_empty_dir, export_student
 from lrkd.callbacks.pacing import PassRatePacing
+from lrkd.callbacks.preemption import Preempted, PreemptionCheckpoint
+from lrkd.checkpointing import AtomicCheckpointIO
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
@@ -135,17 +138,27 @@ class LRKDCLI(LightningCLI):
             raise SystemExit(2) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer (after :func:`lrkd.preflight.check_hardware`), with PassRatePacing added
-        for a DistillDataModule that has none."""
-        trainer_config = (self.config_init[self.subcommand] if self.subcommand
-                          else self.config_init).get("trainer", {})  # fmt: skip
-        check_hardware(trainer_config.get("accelerator"), trainer_config.get("strategy"))
-        if isinstance(self.datamodule, DistillDataModule) and "callbacks" not in kwargs:
-            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-            given = config.get("trainer", {}).get("callbacks") or []
-            callbacks = list(given) if isinstance(given, list) else [given]
-            if not any(isinstance(c, PassRatePacing) for c in callbacks):
-                kwargs["callbacks"] = [*callbacks, PassRatePacing()]
+        """The Trainer (after :func:`lrkd.preflight.check_hardware`), with what lrkd adds where
+        the config gives none: PassRatePacing for a DistillDataModule, PreemptionCheckpoint
+        (last, so that every other callback sees the step a SIGTERM stops at) and
+        AtomicCheckpointIO (checkpoint temporaries beside the checkpoint, not in $TMPDIR)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer", {})
+        check_hardware(trainer.get("accelerator"), trainer.get("strategy"))
+        if "callbacks" not in kwargs:
+            callbacks = _as_list(trainer.get("callbacks"))
+            if isinstance(self.datamodule, DistillDataModule) and not any(
+                isinstance(c, PassRatePacing) for c in callbacks
+            ):
+                callbacks.append(PassRatePacing())
+            if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+                callbacks.append(PreemptionCheckpoint())
+            kwargs["callbacks"] = callbacks
+        if "plugins" not in kwargs:
+            plugins = _as_list(trainer.get("plugins"))
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                plugins.append(AtomicCheckpointIO())
+            kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -504,9 +517,21 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
     )
 
 
+def _as_list(value: Any) -> list[Any]:
+    """A Trainer argument that takes one item or a list, as a new list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
 def console_main() -> None:
-    """The ``lrkd`` console script (exit status 0 on success)."""
-    main()
+    """The ``lrkd`` console script (exit status 0 on success, 2 for a bad setting, 143 after
+    a SIGTERM stop that saved a checkpoint)."""
+    try:
+        main()
+    except Preempted:
+        close_process_group()  # every rank stopped at the same step, after the same save
+        raise
     close_process_group()
 
 
