@@ -169,8 +169,9 @@ def write_config(
     **trainer: Any,
 ) -> Path:
     """A tiny fit config: plain KD of a 1-layer student, checkpoints in ``out/ckpt``
-    (``checkpoint``: ModelCheckpoint arguments), RecordRun into ``out``, then ``callbacks``,
-    then PreemptionCheckpoint; ``plugins`` default to AtomicCheckpointIO."""
+    (``checkpoint``: ModelCheckpoint arguments), RecordRun into ``out``, then ``callbacks``.
+    PreemptionCheckpoint and AtomicCheckpointIO are not named: `lrkd fit` adds them (the
+    latter unless ``plugins`` holds another CheckpointIO), which is what these tests check."""
     out.mkdir(parents=True, exist_ok=True)
     model_checkpoint = {"dirpath": str(out / "ckpt"), **(checkpoint or {"save_top_k": 0})}
     config = {
@@ -191,9 +192,8 @@ def write_config(
                  "init_args": model_checkpoint},
                 {"class_path": "preemption.tools.RecordRun", "init_args": {"out": str(out)}},
                 *callbacks,
-                {"class_path": "lrkd.callbacks.preemption.PreemptionCheckpoint"},
             ],
-            "plugins": list(plugins) or [{"class_path": "lrkd.checkpointing.AtomicCheckpointIO"}],
+            "plugins": list(plugins),
             **trainer,
         },
         "model": {
