@@ -48,8 +48,9 @@ def short_message(message: str) -> str:
 
 
 def setting_error(error: BaseException) -> BaseException | None:
-    """The error that lrkd's own code raised about a setting, at the root of ``error``'s chain
-    (an exception the parser wrapped), or ``None`` when no lrkd code raised one."""
+    """The outermost error that lrkd's own code raised about a setting in ``error``'s chain (an
+    exception the parser wrapped; lrkd's outer message names the field more fully than an
+    inner one it wraps), or ``None`` when no lrkd code raised one."""
     found = None
     seen: set[int] = set()
     current: BaseException | None = error
@@ -57,7 +58,8 @@ def setting_error(error: BaseException) -> BaseException | None:
         seen.add(id(current))
         frames = traceback.extract_tb(current.__traceback__)
         kind = isinstance(current, ValueError | TypeError | OSError | RuntimeError)
-        if kind and frames and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE):
+        ours = frames and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+        if kind and ours and found is None:
             found = current
         current = current.__cause__ or current.__context__
     return found

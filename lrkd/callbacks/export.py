@@ -90,7 +90,8 @@ def check_empty_dir(path: Path, field: str) -> None:
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise FileExistsError(
-            f"{field}={str(path)!r} is not empty ({len(entries)} entries: {shown}); choose a "
+            f"{field}={str(path)!r} is not empty ({len(entries)} "
+            f"entr{'y' if len(entries) == 1 else 'ies'}: {shown}); choose a "
             "new directory, or pass --overwrite to replace the files the export writes."
         )
 

@@ -277,7 +277,7 @@ CASES: list[Case] = [
          "model.loss.clone_weight"),
     Case("a flag of the earlier flat layout", flag("--model.ce_weight", "0.5"),
          "model.ce_weight", also=("model.loss.ce_weight",)),
-    Case("temperature 0", flag("--model.loss.temperature", "0"), "temperature"),
+    Case("temperature 0", flag("--model.loss.temperature", "0"), "model.loss"),
     Case("on-policy fraction above 1", flag("--model.on_policy.fraction", "1.5"),
          "model.on_policy.fraction"),
     Case("an unknown teacher dtype", flag("--model.teacher_dtype", "float8"),

@@ -206,3 +206,30 @@ def test_paced_family_differs_only_in_schedule_and_weighting(capsys) -> None:
                 0.0, 1.0,
             )  # fmt: skip
             assert stages["switch_fraction"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (CONFIGS / "paced").glob("*.yaml") if p.stem != "self_distill_paced"),
+    ids=lambda p: p.stem,
+)
+def test_paced_lrc_configs_warm_up_from_1e_5_to_at_most_1e_4(path: Path, capsys) -> None:
+    """The 504-wide activation_pca clone's first AdamW steps at 3e-4 blew its CE from 2.0 to
+    11.8 (docs/lowrank.md, "Learning rate"): every LRC config of the family warms up."""
+    import torch
+
+    model = _resolved(path, capsys)["model"]
+    assert model["student"]["init_args"]["init"] == "activation_pca"
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(params, **model["optimizer"]["init_args"])
+    scheduler_class = getattr(
+        torch.optim.lr_scheduler, model["lr_scheduler"]["class_path"].split(".")[-1]
+    )
+    scheduler = scheduler_class(optimizer, **model["lr_scheduler"]["init_args"])
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5) and max(lrs) == pytest.approx(1e-4)
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(lrs))  # warms up, never jumps
