@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lrkd.checkpointing import remove_stale_temporaries
@@ -125,7 +125,8 @@ class PreemptionCheckpoint(Callback):
             type(c).__name__
             for c in later
             if type(c).on_train_batch_end is not Callback.on_train_batch_end
-            and not isinstance(c, ModelCheckpoint)
+            # Lightning runs checkpoints last and appends its progress bar: neither matters.
+            and not isinstance(c, ModelCheckpoint | ProgressBar)
         ]
         if missing:
             log.warning(
