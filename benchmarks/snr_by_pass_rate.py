@@ -44,7 +44,7 @@ from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.pacing import bucket_labels, bucketize
-from lrkd.data.text import prompt_response_example, response_token_ids
+from lrkd.data.tokens import prompt_response_example, response_token_ids
 from lrkd.losses import chunked_cross_entropy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import model_logits

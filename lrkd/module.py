@@ -20,7 +20,7 @@ from torch import nn
 
 from lrkd._compat import attached_trainer, instantiated_by_cli
 from lrkd.assembly import build_student, check_pair, enable_activation_checkpointing, token_setting
-from lrkd.data.text import teacher_view
+from lrkd.data.tokens import teacher_view
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.generation.on_policy import OnPolicy, OnPolicySampler, response_stats
 from lrkd.models.paired_forward import run_pair, supports_hidden_path

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrkd.data.text import teacher_view
+from lrkd.data.tokens import teacher_view
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
 from lrkd.models.paired_forward import PairedOutput
 from lrkd.models.students import output_vocab_size

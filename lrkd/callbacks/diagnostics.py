@@ -24,7 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from lrkd.data.pacing import bucket_labels, bucketize
-from lrkd.data.text import pad_collate
+from lrkd.data.tokens import pad_collate
 from lrkd.diagnostics.rank import spectral_tail
 from lrkd.diagnostics.representation import gaussian_mutual_information, layer_outputs, linear_cka
 from lrkd.diagnostics.snr import GradientSNR, SNRAccumulator

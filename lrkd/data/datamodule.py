@@ -60,7 +60,7 @@ from lrkd.data.problems import (
 )
 from lrkd.data.resumable import ResumableSampler
 from lrkd.data.sampling_settings import check_sampling
-from lrkd.data.text import (
+from lrkd.data.tokens import (
     pad_collate,
     prompt_response_example,
     prompt_token_ids,
@@ -77,7 +77,7 @@ _RESPONSE_SOURCES = ("auto", "dataset", "generate")
 
 
 class _Examples(Dataset):
-    """Prompt + response examples (:func:`~lrkd.data.text.prompt_response_example`) that also
+    """Prompt + response examples (:func:`~lrkd.data.tokens.prompt_response_example`) that also
     carry their problem's index, for the per-example weight, and with ``teacher_prompts`` the
     teacher's view of the same response (``teacher_*`` keys). ``overlong``: ``truncate_left``
     cuts a row longer than ``seq_length`` at the start of its prompt (the teacher's prompt is

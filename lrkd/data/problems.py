@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrkd.data.text import jsonl_rows
+from lrkd.data.records import jsonl_rows
 
 KINDS: tuple[str, ...] = ("add", "sub", "mul", "word")
 """The kinds of problem :func:`builtin_problems` can generate."""

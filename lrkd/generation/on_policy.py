@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lrkd.data.sampling_settings import check_sampling
-from lrkd.data.text import pad_collate, prompt_response_example, teacher_view
+from lrkd.data.tokens import pad_collate, prompt_response_example, teacher_view
 from lrkd.generation.sampling import generate, generation_model
 from lrkd.seeds import row_seed
 

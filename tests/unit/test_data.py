@@ -8,7 +8,22 @@ import pytest
 import torch
 
 from lrkd.data.corpus import builtin_corpus
-from lrkd.data.text import PackedText, PromptResponse, TextDataModule, pad_collate, read_records
+from lrkd.data.records import read_records
+from lrkd.data.text import TextDataModule
+from lrkd.data.tokens import pad_collate
+
+
+def prepared_examples(tmp_path, tokenizer, records, **kwargs):
+    """The training examples of ``records`` (dicts, in this order) prepared by a
+    TextDataModule with ``kwargs`` (the same file as validation, so that no record is held out
+    and the order stays)."""
+    f = tmp_path / "records.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dm = TextDataModule(train_files=[str(f)], val_files=[str(f)],
+                        cache_dir=str(tmp_path / "cache"), **kwargs)  # fmt: skip
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    return dm.train_dataset
 
 
 def test_builtin_corpus_is_deterministic_and_varied() -> None:
@@ -19,9 +34,9 @@ def test_builtin_corpus_is_deterministic_and_varied() -> None:
     assert any("Question:" in doc for doc in a)
 
 
-def test_packed_text_blocks(tiny_tokenizer) -> None:
+def test_packed_text_blocks(tmp_path, tiny_tokenizer) -> None:
     docs = ["abc", "de"]
-    dataset = PackedText(docs, tiny_tokenizer, seq_length=3)
+    dataset = prepared_examples(tmp_path, tiny_tokenizer, [{"text": d} for d in docs], seq_length=3)
     eos = tiny_tokenizer.eos_token_id
     stream = [*tiny_tokenizer("abc")["input_ids"], eos, *tiny_tokenizer("de")["input_ids"], eos]
     assert len(dataset) == len(stream) // 3 == 2
@@ -30,9 +45,9 @@ def test_packed_text_blocks(tiny_tokenizer) -> None:
     assert dataset[0]["loss_mask"].tolist() == [1, 1, 1]
 
 
-def test_prompt_response_masks_only_response(tiny_tokenizer) -> None:
+def test_prompt_response_masks_only_response(tmp_path, tiny_tokenizer) -> None:
     records = [{"prompt": "2+2?", "response": "4"}, {"prompt": "hi", "response": "hello"}]
-    dataset = PromptResponse(records, tiny_tokenizer, seq_length=64, chat_template=True)
+    dataset = prepared_examples(tmp_path, tiny_tokenizer, records, seq_length=64)
     ex = dataset[0]
     text = tiny_tokenizer.decode(ex["input_ids"])
     assert text.startswith("<user>2+2?\n<assistant>")
@@ -48,9 +63,13 @@ def test_prompt_response_masks_only_response(tiny_tokenizer) -> None:
     assert tiny_tokenizer.decode(targets1) == "hello</s>"
 
 
-def test_prompt_response_without_template(tiny_tokenizer) -> None:
-    dataset = PromptResponse(
-        [{"prompt": "Q:", "response": "A"}], tiny_tokenizer, 64, chat_template=False
+def test_prompt_response_without_template(tmp_path, tiny_tokenizer) -> None:
+    dataset = prepared_examples(
+        tmp_path,
+        tiny_tokenizer,
+        [{"prompt": "Q:", "response": "A"}],
+        seq_length=64,
+        chat_template=False,
     )
     ex = dataset[0]
     assert tiny_tokenizer.decode(ex["input_ids"]) == "Q:A</s>"

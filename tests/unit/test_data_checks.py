@@ -7,18 +7,19 @@ from __future__ import annotations
 import json
 import logging
 import string
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from conftest import make_tokenizer, tiny_paced_datamodule
+from test_data import prepared_examples
 
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.overlong import fit_row
 from lrkd.data.paced_settings import Pacing, Rollouts, TeacherResponses, Validation
 from lrkd.data.problems import builtin_problems, read_problems
-from lrkd.data.text import PromptResponse, TextDataModule, prompt_token_ids, read_records
+from lrkd.data.records import read_records
+from lrkd.data.text import TextDataModule
+from lrkd.data.tokens import prompt_token_ids
 
 S = 16  # seq_length of the hand-made records below (one token per character)
 
@@ -59,7 +60,8 @@ def _text_files(tmp_path: Path) -> tuple[Path, Path]:
 def _text_module(tmp_path, tokenizer, overlong: str = "error") -> TextDataModule:
     train, val = _text_files(tmp_path)
     dm = TextDataModule(train_files=[str(train)], val_files=[str(val)], seq_length=S,
-                        chat_template=False, overlong=overlong)  # fmt: skip
+                        chat_template=False, overlong=overlong,
+                        cache_dir=str(tmp_path / "cache"))  # fmt: skip
     dm.tokenizer = tokenizer
     return dm
 
@@ -148,11 +150,13 @@ def test_text_response_cut_is_a_warning_not_an_error(tmp_path, tiny_tokenizer, c
     assert dm.train_dataset[0]["loss_mask"].tolist() == [0] * 4 + [1] * 12
 
 
-def test_prompt_response_dataset_checks_overlong_records(tiny_tokenizer) -> None:
+def test_prompt_response_dataset_checks_overlong_records(tmp_path, tiny_tokenizer) -> None:
     records = [{"prompt": "q" * 40, "response": "a"}, {"prompt": "q", "response": "a"}]
-    with pytest.raises(ValueError, match=r"1 of 2 records have a prompt .*e\.g\. record 1\)"):
-        PromptResponse(records, tiny_tokenizer, S, chat_template=False)
-    kept = PromptResponse(records, tiny_tokenizer, S, chat_template=False, overlong="drop")
+    message = r"2 of 4 records \(1 train, 1 val\) have a prompt .*records\.jsonl:1\)"
+    with pytest.raises(ValueError, match=message):
+        prepared_examples(tmp_path, tiny_tokenizer, records, seq_length=S, chat_template=False)
+    kept = prepared_examples(tmp_path, tiny_tokenizer, records, seq_length=S,
+                             chat_template=False, overlong="drop")  # fmt: skip
     assert len(kept) == 1
 
 
@@ -331,30 +335,23 @@ def test_utf8_with_a_byte_order_mark_is_read(tmp_path) -> None:
     assert list(read_records(txt)) == [{"text": "doc\nline 2"}, {"text": "next"}]
 
 
-def test_parquet_errors_name_the_file(tmp_path, monkeypatch) -> None:
-    """pyarrow is optional (not installed here): a stand-in raises what it would."""
-    error: Exception = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+def test_parquet_errors_name_the_file_and_the_fields(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    class Table:
-        def to_pylist(self):
-            raise error
-
-    def read_table(path):
-        return Table()
-
-    parquet = types.ModuleType("pyarrow.parquet")
-    parquet.read_table = read_table
-    pyarrow = types.ModuleType("pyarrow")
-    pyarrow.parquet = parquet
-    monkeypatch.setitem(sys.modules, "pyarrow", pyarrow)
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
     f = tmp_path / "d.parquet"
     f.write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"d\.parquet: a text column is not UTF-8"):
+    with pytest.raises(ValueError, match=r"d\.parquet: not a readable parquet file \("):
         list(read_records(f))
-    error = ValueError("Parquet magic bytes not found")  # pyarrow's ArrowInvalid is a ValueError
-    with pytest.raises(ValueError, match=r"d\.parquet: not a readable parquet file \(Parquet"):
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), f)
+    with pytest.raises(ValueError, match=r"d\.parquet:1: record has neither 'text' nor "
+                       r"'prompt'\+'response'; its keys are \['answer', 'question'\]"):  # fmt: skip
         list(read_records(f))
+    pq.write_table(pa.table({"text": [b"\xff"]}), f)  # bytes, not a string column
+    with pytest.raises(ValueError, match=r"d\.parquet:1: 'text' must be a string"):
+        list(read_records(f))
+    pq.write_table(pa.table({"text": ["one", "two"]}), f)
+    assert list(read_records(f)) == [{"text": "one"}, {"text": "two"}]
 
 
 # ----------------------------------------------------------------------------- argument checks

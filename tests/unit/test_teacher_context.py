@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama, tiny_paced_datamodule
 
-from lrkd.data.text import pad_collate, prompt_response_example, response_token_ids, teacher_view
+from lrkd.data.tokens import pad_collate, prompt_response_example, response_token_ids, teacher_view
 from lrkd.generation.on_policy import OnPolicy
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.models.students import TeacherCopy

@@ -151,7 +151,7 @@ def test_gradient_snr_by_pass_rate_matches_per_problem_gradients(
         module2.student.cache_weights = False
     module2.train()
     from lrkd.data.pacing import bucket_labels, bucketize
-    from lrkd.data.text import pad_collate
+    from lrkd.data.tokens import pad_collate
 
     buckets = bucketize(counts.double() / 4, dm.bucket_edges)
     generator = torch.Generator().manual_seed(5)

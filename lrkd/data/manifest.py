@@ -1,0 +1,224 @@
+"""The manifest of a prepared dataset: what it was made from and how, and the checks that refuse
+to train on it when that no longer matches (another tokenizer, another ``seq_length``, changed
+source files).
+
+A prepared directory (``lrkd prepare``) holds ``manifest.json`` next to one saved ``datasets``
+directory per split. The manifest is written last, so a directory without one is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "PrepareSettings",
+    "check_manifest",
+    "content_hash",
+    "read_manifest",
+    "source_entry",
+    "tokenizer_fingerprint",
+]
+
+#: The layout version of prepared directories; a change makes earlier ones be prepared again.
+FORMAT = 1
+#: The manifest's file name in a prepared directory.
+MANIFEST = "manifest.json"
+
+PACK_MODES = ("concat", "documents")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything besides the sources and the tokenizer that decides a prepared dataset.
+
+    Args:
+        seq_length: tokens per packed block, and the length prompt+response examples are cut to.
+        pack: ``concat`` (documents joined with EOS and cut into full blocks, the last partial
+            block dropped) or ``documents`` (each document alone, cut into blocks of at most
+            ``seq_length`` and right-padded in the batch, so that no block mixes documents).
+        chat_template: format prompts with the tokenizer's chat template when it has one.
+        overlong: what to do with prompt+response records whose prompt leaves no room for a
+            response token (see :mod:`lrkd.data.overlong`).
+        val_fraction: share of records held out for validation when no validation files are
+            given.
+        seed: seed of the validation hold-out (and of the built-in corpus).
+        text_field: the field holding plain text.
+        prompt_field: the field holding a prompt.
+        response_field: the field holding a response.
+        builtin_documents: generated documents when no files are given (the built-in corpus).
+    """
+
+    seq_length: int = 256
+    pack: str = "concat"
+    chat_template: bool = True
+    overlong: str = "error"
+    val_fraction: float = 0.05
+    seed: int = 0
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    builtin_documents: int = 2000
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The record field names, as :func:`lrkd.data.records.located_records` takes them."""
+        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
+                "response_field": self.response_field}  # fmt: skip
+
+
+def content_hash(path: Path) -> str:
+    """A 128-bit xxh3 hash of a file's bytes, or of a directory's files (names and bytes)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_entry(path: Path) -> dict[str, Any]:
+    """A source's manifest entry: its absolute path, size, modification time and content hash."""
+    stat = path.stat()
+    size = stat.st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file()
+    )  # fmt: skip
+    return {"path": str(path.resolve()), "size": size, "mtime_ns": stat.st_mtime_ns,
+            "hash": content_hash(path)}  # fmt: skip
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything in a tokenizer that decides token ids: its vocabulary, merges,
+    normalisation and special tokens, and its chat template."""
+    import xxhash
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest = xxhash.xxh3_128()
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    digest.update(repr((tokenizer.eos_token_id, tokenizer.bos_token_id, template)).encode())
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a prepared directory.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a finished prepared directory.
+    """
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"data.prepared: {path} is not a prepared dataset (no {MANIFEST}; an interrupted "
+            "lrkd prepare leaves none); prepare it with: lrkd prepare --train_files FILES "
+            f"--tokenizer TEACHER --out {path}"
+        )
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"data.prepared: {path} was prepared by another lrkd version (format "
+            f"{manifest.get('format')}, this one reads {FORMAT}); re-prepare: "
+            f"{reprepare_command(manifest, path)}"
+        )
+    return manifest
+
+
+def reprepare_command(manifest: dict[str, Any], out: Path, **changes: Any) -> str:
+    """The ``lrkd prepare`` command that prepares ``out`` again from the manifest's sources and
+    settings, with ``changes`` (e.g. ``seq_length=128``) applied."""
+    settings = {**manifest["settings"], **changes}
+    args = ["lrkd", "prepare"]
+    sources = manifest["sources"]
+    for split, option in (("train", "--train_files"), ("val", "--val_files")):
+        if sources.get(split):
+            args += [option, *(entry["path"] for entry in sources[split])]
+    args += ["--tokenizer", changes.get("tokenizer", manifest["tokenizer"]["name"])]
+    defaults = asdict(PrepareSettings())
+    for name, value in settings.items():
+        if name != "tokenizer" and value != defaults.get(name):
+            args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    args += ["--out", str(out), "--overwrite", "true"]
+    return shlex.join(args)
+
+
+def check_manifest(
+    manifest: dict[str, Any], path: Path, tokenizer: Any, tokenizer_name: str | None,
+    settings: PrepareSettings,
+) -> None:  # fmt: skip
+    """Refuse a prepared dataset that does not match the run: made with another tokenizer than
+    the teacher's, another ``seq_length`` (or chat-template setting, for prompt+response data),
+    or from source files that changed since. Sources that are no longer there are not checked
+    (a prepared directory may travel without them).
+
+    Raises:
+        ValueError: naming what differs and the command that prepares the data again.
+    """
+    name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or "the teacher's"
+    made = manifest["tokenizer"]
+    if made["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"data.prepared: {path} was tokenised with {made['name']!r}, not with the teacher's "
+            f"tokenizer {name!r} (their vocabularies or templates differ); re-prepare: "
+            f"{reprepare_command(manifest, path, tokenizer=name)}"
+        )
+    made_length = manifest["settings"]["seq_length"]
+    if made_length != settings.seq_length:
+        raise ValueError(
+            f"data.seq_length={settings.seq_length}, but {path} was prepared with seq_length="
+            f"{made_length}; set data.seq_length: {made_length}, or re-prepare: "
+            f"{reprepare_command(manifest, path, seq_length=settings.seq_length)}"
+        )
+    made_template = manifest["settings"]["chat_template"]
+    if manifest["kind"] == "prompt_response" and made_template != settings.chat_template:
+        raise ValueError(
+            f"data.chat_template={settings.chat_template}, but {path} was prepared with "
+            f"chat_template={made_template}; set data.chat_template: {made_template}, or "
+            f"re-prepare: {reprepare_command(manifest, path, chat_template=settings.chat_template)}"
+        )
+    for entries in manifest["sources"].values():
+        for entry in entries:
+            changed = _changed(entry)
+            if changed:
+                raise ValueError(
+                    f"data.prepared: source {entry['path']} {changed} since {path} was prepared; "
+                    f"re-prepare: {reprepare_command(manifest, path)}"
+                )
+
+
+def _changed(entry: dict[str, Any]) -> str | None:
+    """How a source differs from its manifest entry (``None``: unchanged or no longer there).
+    Size and modification time are compared first; the content is hashed only when they differ."""
+    source = Path(entry["path"])
+    if not source.exists():
+        return None
+    current = source_entry(source) if source.is_dir() else None
+    stat = source.stat()
+    if current is None and (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"]):
+        return None
+    current = current or source_entry(source)
+    if current["hash"] == entry["hash"]:
+        return None
+    if current["size"] != entry["size"]:
+        return f"changed size ({entry['size']} -> {current['size']} bytes)"
+    return "changed content"
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` into ``path`` (atomically: a reader never sees half of it)."""
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path / MANIFEST)
