@@ -289,6 +289,19 @@ def _export_main(argv: list[str]) -> Path:
     return export(**parser.parse_args(argv).as_dict())
 
 
+def _prepare_main(argv: list[str]) -> Path:
+    from jsonargparse import ArgumentParser
+
+    from lrkd.data.prepare import prepare_command
+
+    parser = ArgumentParser(
+        prog="lrkd prepare",
+        description="Tokenise, pack and save records as a memory-mapped dataset for lrkd fit.",
+    )
+    parser.add_function_arguments(prepare_command)
+    return prepare_command(**parser.parse_args(argv).as_dict())
+
+
 def rank(
     teacher: str,
     num_tokens: float,
@@ -437,6 +450,7 @@ SUBCOMMANDS: dict[str, str] = {
     "validate": "run the validation loop on a checkpoint (--ckpt_path)",
     "test": "run the test loop on a checkpoint (--ckpt_path)",
     "predict": "the student's greedy next-token predictions (--ckpt_path)",
+    "prepare": "tokenise and pack records into a memory-mapped dataset (--train_files, --out)",
     "export": "write a checkpoint's student as a plain Hugging Face model (--ckpt_path, --out)",
     "rank": "suggest a student width for a token budget (--teacher, --num_tokens)",
     "env": "versions, CPU/GPU capabilities and lrkd's supported ranges, for bug reports",
@@ -490,6 +504,8 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         return None
     if isinstance(argv, list) and argv and argv[0] == "export":
         return _export_main(argv[1:])
+    if isinstance(argv, list) and argv and argv[0] == "prepare":
+        return _prepare_main(argv[1:])
     if isinstance(argv, list) and argv and argv[0] == "rank":
         return _rank_main(argv[1:])
     if isinstance(argv, list):

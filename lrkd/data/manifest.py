@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,26 +132,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"data.prepared: {path} was prepared by another lrkd version (format "
             f"{manifest.get('format')}, this one reads {FORMAT}); re-prepare: "
-            f"{reprepare_command(manifest, path)}"
+            f"{reprepare_command(path)}"
         )
     return manifest
 
 
-def reprepare_command(manifest: dict[str, Any], out: Path, **changes: Any) -> str:
-    """The ``lrkd prepare`` command that prepares ``out`` again from the manifest's sources and
+def reprepare_command(out: Path, **changes: Any) -> str:
+    """The ``lrkd prepare`` command that prepares ``out`` again from its manifest's sources and
     settings, with ``changes`` (e.g. ``seq_length=128``) applied."""
-    settings = {**manifest["settings"], **changes}
-    args = ["lrkd", "prepare"]
-    sources = manifest["sources"]
-    for split, option in (("train", "--train_files"), ("val", "--val_files")):
-        if sources.get(split):
-            args += [option, *(entry["path"] for entry in sources[split])]
-    args += ["--tokenizer", changes.get("tokenizer", manifest["tokenizer"]["name"])]
-    defaults = asdict(PrepareSettings())
-    for name, value in settings.items():
-        if name != "tokenizer" and value != defaults.get(name):
-            args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
-    args += ["--out", str(out), "--overwrite", "true"]
+    args = ["lrkd", "prepare", "--like", str(out)]
+    for name, value in changes.items():
+        args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return shlex.join(args)
 
 
@@ -173,21 +164,21 @@ def check_manifest(
         raise ValueError(
             f"data.prepared: {path} was tokenised with {made['name']!r}, not with the teacher's "
             f"tokenizer {name!r} (their vocabularies or templates differ); re-prepare: "
-            f"{reprepare_command(manifest, path, tokenizer=name)}"
+            f"{reprepare_command(path, tokenizer=name)}"
         )
     made_length = manifest["settings"]["seq_length"]
     if made_length != settings.seq_length:
         raise ValueError(
             f"data.seq_length={settings.seq_length}, but {path} was prepared with seq_length="
             f"{made_length}; set data.seq_length: {made_length}, or re-prepare: "
-            f"{reprepare_command(manifest, path, seq_length=settings.seq_length)}"
+            f"{reprepare_command(path, seq_length=settings.seq_length)}"
         )
     made_template = manifest["settings"]["chat_template"]
     if manifest["kind"] == "prompt_response" and made_template != settings.chat_template:
         raise ValueError(
             f"data.chat_template={settings.chat_template}, but {path} was prepared with "
             f"chat_template={made_template}; set data.chat_template: {made_template}, or "
-            f"re-prepare: {reprepare_command(manifest, path, chat_template=settings.chat_template)}"
+            f"re-prepare: {reprepare_command(path, chat_template=settings.chat_template)}"
         )
     for entries in manifest["sources"].values():
         for entry in entries:
@@ -195,7 +186,7 @@ def check_manifest(
             if changed:
                 raise ValueError(
                     f"data.prepared: source {entry['path']} {changed} since {path} was prepared; "
-                    f"re-prepare: {reprepare_command(manifest, path)}"
+                    f"re-prepare: {reprepare_command(path)}"
                 )
 
 

@@ -502,3 +502,125 @@ def _token_counts(ds) -> dict[str, int]:
         cut = pc.min_element_wise(table["prompt_length"], lengths)
         targets = tokens - int(pc.sum(cut).as_py() or 0)
     return {"examples": len(ds), "tokens": tokens, "target_tokens": targets}
+
+
+# ------------------------------------------------------------------------------------- command
+
+
+def prepare_command(
+    out: str | None = None,
+    train_files: list[str] | str | None = None,
+    val_files: list[str] | str | None = None,
+    tokenizer: str | None = None,
+    seq_length: int | None = None,
+    pack: str | None = None,
+    chat_template: bool | None = None,
+    overlong: str | None = None,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    builtin_documents: int | None = None,
+    fit_config: str | None = None,
+    like: str | None = None,
+    num_proc: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Tokenise, pack and save records for ``lrkd fit`` (``data.prepared: OUT``).
+
+    Every option left out takes its value from ``--like`` (a prepared directory's manifest) or
+    ``--fit_config`` (the ``data:`` section of a ``lrkd fit`` config, its tokenizer from
+    ``model.teacher``), else the TextDataModule's default.
+
+    Args:
+        out: the prepared directory to write (new or empty; a finished one with the same sources
+            and settings is left as it is). Default with ``--like``: that directory, replaced.
+        train_files: ``.txt``, ``.jsonl``/``.json``, ``.parquet`` or ``.arrow`` files,
+            directories of them or saved ``datasets`` directories (several as a list,
+            ``'[a.jsonl, b.jsonl]'``); none: the built-in corpus.
+        val_files: validation sources; none holds out ``val_fraction`` of the training records.
+        tokenizer: the teacher's tokenizer: a built-in name, local directory or hub id.
+        seq_length: tokens per block (must equal the run's ``data.seq_length``; default 256).
+        pack: ``concat`` (documents joined with EOS, full blocks) or ``documents`` (no block
+            mixes documents; pieces right-padded).
+        chat_template: format prompts with the tokenizer's chat template (default true).
+        overlong: prompt+response records whose prompt fills ``seq_length``: ``error``,
+            ``drop``, ``truncate_left`` or ``keep``.
+        val_fraction: share of records held out for validation (default 0.05).
+        seed: seed of the hold-out and of the built-in corpus (default 0).
+        text_field: the field holding plain text (default ``text``).
+        prompt_field: the field holding a prompt (default ``prompt``).
+        response_field: the field holding a response (default ``response``).
+        builtin_documents: generated documents when no files are given (default 2000).
+        fit_config: a ``lrkd fit`` YAML config whose ``data:`` section gives the defaults.
+        like: a prepared directory whose sources and settings give the defaults (to prepare
+            it again, e.g. with another tokenizer or ``seq_length``).
+        num_proc: processes (default: one for inputs under 32 MB, else every CPU, at most 16).
+        overwrite: replace an ``out`` prepared from other sources or settings.
+
+    Returns:
+        The prepared directory.
+    """
+    given = {"train_files": train_files, "val_files": val_files, "tokenizer": tokenizer,
+             "seq_length": seq_length, "pack": pack, "chat_template": chat_template,
+             "overlong": overlong, "val_fraction": val_fraction, "seed": seed,
+             "text_field": text_field, "prompt_field": prompt_field,
+             "response_field": response_field, "builtin_documents": builtin_documents}  # fmt: skip
+    for key in ("train_files", "val_files"):
+        if isinstance(given[key], str):
+            given[key] = [given[key]]
+    base = _fit_config_data(Path(fit_config)) if fit_config else {}
+    if like is not None:
+        base = {**base, **_manifest_options(Path(like))}
+        out = out or like
+        overwrite = overwrite or Path(out).resolve() == Path(like).resolve()
+    if out is None:
+        raise ValueError("--out is not set: give the directory to write the prepared data to")
+    chosen = {**base, **{k: v for k, v in given.items() if v is not None}}
+    names = set(PrepareSettings.__dataclass_fields__)
+    settings = PrepareSettings(**{k: v for k, v in chosen.items() if k in names})
+    check_settings(settings, prefix="--")
+    if chosen.get("tokenizer") is None:
+        raise ValueError(
+            "--tokenizer is not set: give the teacher's tokenizer (a built-in name, local "
+            "directory or hub id), or --fit_config with model.teacher"
+        )
+    from lrkd.data.tokens import resolve_tokenizer
+
+    tok = resolve_tokenizer(chosen["tokenizer"])
+    return prepare(
+        chosen.get("train_files"), out, tok, settings, val_files=chosen.get("val_files"),
+        tokenizer_name=chosen["tokenizer"], num_proc=num_proc, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def _manifest_options(path: Path) -> dict[str, Any]:
+    """The prepare options that made the prepared directory ``path``."""
+    import json
+
+    if not (path / MANIFEST).is_file():
+        read_manifest(path)  # raises, saying how to prepare it
+    manifest = json.loads((path / MANIFEST).read_text())
+    options = {**manifest["settings"], "tokenizer": manifest["tokenizer"]["name"] or None}
+    for split, entries in manifest["sources"].items():
+        if entries:
+            options[f"{split}_files"] = [entry["path"] for entry in entries]
+    return options
+
+
+def _fit_config_data(path: Path) -> dict[str, Any]:
+    """The prepare options of a ``lrkd fit`` config: its ``data.init_args`` (or ``data``), the
+    tokenizer defaulting to ``model.teacher`` (when it names one)."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    data = config.get("data") or {}
+    data = data.get("init_args", data) if isinstance(data, dict) else {}
+    if data.get("prepared"):
+        raise ValueError(f"--fit_config {path}: its data.prepared is set already "
+                         f"({data['prepared']}); nothing to prepare")  # fmt: skip
+    teacher = (config.get("model") or {}).get("init_args", config.get("model") or {})
+    if data.get("tokenizer") is None and isinstance(teacher.get("teacher"), str):
+        data = {**data, "tokenizer": teacher["teacher"]}
+    return data
