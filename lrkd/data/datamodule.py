@@ -529,7 +529,7 @@ class DistillDataModule(LightningDataModule):
         ]:  # fmt: skip
             sampler.load_state_dict(restored["sampler"])
         self._sampler = sampler
-        return self._loader(self._examples["train"], sampler)
+        return self._loader(self._examples["train"], sampler.for_ranks())
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out problems with teacher responses (for the divergence)."""

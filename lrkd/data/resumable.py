@@ -7,7 +7,6 @@ resumed run trains again on the epoch's first batches.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,10 +28,9 @@ class ResumableSampler(Sampler[int]):
     size x the number of processes, as they were when the checkpoint was written. It then
     yields the saved draws after those and goes on drawing from the saved generator state, so
     the rest of the epoch is exactly the uninterrupted run's, even where the draws depend on
-    state that changed since the epoch began (a replay would not reproduce that). Under DDP,
-    Lightning's ``DistributedSamplerWrapper`` deals the epoch's list out to the ranks in its own
-    (shuffled, padded) order; there the sampler returns the whole list, rearranged so that each
-    rank's share continues where that rank stopped.
+    state that changed since the epoch began (a replay would not reproduce that). Under DDP/FSDP
+    the DataLoader gets :meth:`for_ranks`, a :class:`RankShare` that deals the epoch's list out
+    to the processes, each continuing where it stopped.
 
     Args:
         datamodule: the DataModule that owns the sampler (its ``trainer`` and ``batch_size``
@@ -83,8 +81,24 @@ class ResumableSampler(Sampler[int]):
         self._restored = dict(state_dict) if state_dict else None
 
     def __iter__(self) -> Iterator[int]:
+        return self.share(0, 1)
+
+    def for_ranks(self) -> Sampler[int]:
+        """The sampler for the DataLoader: this sampler, or under DDP/FSDP a :class:`RankShare`
+        of it that gives this process its share of the epoch (Lightning then adds no
+        DistributedSampler of its own)."""
+        trainer = self.datamodule.trainer
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer else None
+        if not kwargs or kwargs["num_replicas"] == 1:
+            return self
+        return RankShare(self, kwargs["num_replicas"], kwargs["rank"])
+
+    def share(self, rank: int, world: int) -> Iterator[int]:
+        """Process ``rank``'s indices of the current epoch among ``world`` processes: the
+        epoch's list, padded to a multiple of ``world`` with its first indices, dealt out
+        position by position (as a DistributedSampler without shuffling deals it), after the
+        positions trained on already when a mid-epoch checkpoint was restored."""
         restored, self._restored = self._restored, None
-        shard = self._distributed_sampler()
         start = 0
         if restored is not None:
             start = self._batches_done() * restored["batch_size"] * restored["world_size"]
@@ -100,59 +114,70 @@ class ResumableSampler(Sampler[int]):
         else:
             chunks, start = [], 0
             generator = torch.Generator().manual_seed(row_seed(self.seed, "sampler", self.epoch))
-        world = shard.num_replicas if shard is not None else 1
         self._live = {"epoch": self.epoch, "chunks": chunks, "generator": generator,
                       "batch_size": self.datamodule.batch_size, "world_size": world}  # fmt: skip
         indices = self._draw(chunks, generator)
-        if start and shard is not None:
-            yield from _continue_shards(list(indices), shard, start)
+        if world == 1:  # drawn as consumed: later draws may depend on training so far
+            for position, index in enumerate(indices):
+                if position >= start:
+                    yield index
             return
-        for position, index in enumerate(indices):
-            if position >= start:
-                yield index
+        epoch = list(indices)
+        total = -(-len(epoch) // world) * world
+        padded = (epoch * (-(-total // len(epoch))))[:total] if epoch else []
+        yield from padded[start + rank :: world]
 
     def _draw(self, chunks: list[torch.Tensor], generator: torch.Generator) -> Iterator[int]:
         """The epoch's indices: the saved chunks, then new ones (appended to ``chunks``)."""
         produced = 0
         for chunk in list(chunks):
             produced += len(chunk)
-            yield from chunk.tolist()
+            yield from _as_ints(chunk)
         while produced < self.num_samples:
             drawn = self.next_chunk(produced, generator)
             chunks.append(drawn)
             produced += len(drawn)
-            yield from drawn.tolist()
+            yield from _as_ints(drawn)
 
     def _batches_done(self) -> int:
         """The Trainer's batches of the current epoch so far (restored when resuming)."""
         return epoch_batches_done(self.datamodule.trainer)
 
-    def _distributed_sampler(self) -> DistributedSampler | None:
-        """The DistributedSampler that deals this sampler's indices out to the ranks, if any."""
-        trainer = self.datamodule.trainer
-        loader = trainer.train_dataloader if trainer is not None else None
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and sampler is not self:
-            return sampler
-        return None
+
+def _as_ints(chunk: torch.Tensor, size: int = 1 << 16) -> Iterator[int]:
+    """The indices of ``chunk`` as Python ints, converted a slice at a time (an epoch of
+    millions of blocks is never one Python list)."""
+    for part in chunk.split(size):
+        yield from part.tolist()
 
 
-def _continue_shards(indices: list[int], shard: DistributedSampler, start: int) -> list[int]:
-    """``indices`` rearranged so that every rank's share under ``shard`` continues after the
-    first ``start`` examples of the epoch (in the order the ranks consume them)."""
-    ranks = []
-    for rank in range(shard.num_replicas):
-        view = copy.copy(shard)
-        view.rank = rank
-        ranks.append(list(DistributedSampler.__iter__(view)))
-    # Position j of the epoch's order is rank j % W's (j // W)-th example.
-    order = [share[m] for m in range(len(ranks[0])) for share in ranks]
-    consumed = [indices[i] for i in order]
-    out = list(indices)
-    # The first occurrence of a position wins (DistributedSampler pads with repeats).
-    for j in reversed(range(len(order))):
-        out[order[j]] = consumed[(j + start) % len(order)]
-    return out
+class RankShare(DistributedSampler):
+    """One process's share of a :class:`ResumableSampler`'s epoch under DDP/FSDP.
+
+    A DistributedSampler (so Lightning adds none) of ``ceil(num_samples / num_replicas)``
+    indices, the same ones in the same order as Lightning's own DistributedSampler would deal
+    (no shuffling: the sampler shuffles), except that a run resumed mid-epoch gets only the
+    indices its process had not trained on: its last batch is then as short as in the
+    uninterrupted run, and each index of the epoch is still trained on once.
+
+    Args:
+        sampler: the epoch's sampler.
+        num_replicas: the number of data-parallel processes.
+        rank: this process's data-parallel rank.
+    """
+
+    def __init__(self, sampler: ResumableSampler, num_replicas: int, rank: int) -> None:
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank,
+                         shuffle=False, drop_last=False)  # fmt: skip
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the shared sampler (which seeds its draw)."""
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return self.sampler.share(self.rank, self.num_replicas)
 
 
 class ShuffledSampler(ResumableSampler):

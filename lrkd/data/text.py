@@ -20,6 +20,7 @@ node's first process). Every batch is a dict of ``input_ids``, ``attention_mask`
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lrkd._compat import epoch_batches_done
 from lrkd.data.checks import check_at_least
 from lrkd.data.manifest import MANIFEST, PrepareSettings, check_manifest, read_manifest
 from lrkd.data.prepare import check_settings, prepare, prepared_path
 from lrkd.data.prepared import PreparedExamples
 from lrkd.data.records import located_records, read_records
 from lrkd.data.resumable import ShuffledSampler
+from lrkd.data.streaming import StreamedBlocks
 from lrkd.data.tokens import pad_collate, resolve_tokenizer
 
 __all__ = ["TextDataModule", "located_records", "read_records"]
@@ -87,6 +90,12 @@ class TextDataModule(LightningDataModule):
             32 MB, else every CPU, at most 16).
         cache_dir: where raw files are prepared on first use; ``None`` is
             ``$LRKD_CACHE_DIR/data`` (default ``~/.cache/lrkd/data``).
+        streaming: stream ``train_files`` (local paths or ``fsspec`` URLs, plain text) instead
+            of preparing them: tokenised and packed as read, each process reading its share,
+            passes repeating until ``trainer.max_steps`` (see :mod:`lrkd.data.streaming`:
+            a resumed run re-reads its share up to where it stopped). ``val_files`` are
+            prepared as usual.
+        shuffle_buffer: documents in the streaming shuffle buffer (0: the files' order).
     """
 
     def __init__(
@@ -109,6 +118,8 @@ class TextDataModule(LightningDataModule):
         pack: str = "concat",
         prepare_workers: int | None = None,
         cache_dir: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
     ) -> None:
         super().__init__()
         self.settings = PrepareSettings(
@@ -126,6 +137,11 @@ class TextDataModule(LightningDataModule):
                 "data.prepared is given together with data.train_files/val_files; give one: "
                 "the prepared directory already holds its training and validation splits"
             )
+        check_at_least("data.shuffle_buffer", shuffle_buffer, 0)
+        if streaming:
+            _check_streaming(train_files, prepared, num_workers)
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
         self.train_files = train_files
         self.val_files = val_files
         self.prepared = prepared
@@ -158,9 +174,23 @@ class TextDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Prepare raw files (or the built-in corpus) into the cache, unless prepared already.
         Lightning calls this on each node's first process only; the others wait for it."""
-        if self.prepared is None:
+        if self.streaming:
+            if self.val_files is not None:
+                self._load_tokenizer()
+                self._val_dir()
+        elif self.prepared is None:
             self._load_tokenizer()
             self._prepared_dir()
+
+    def _val_dir(self) -> Path:
+        """The prepared ``val_files`` of a streaming run (their ``train`` split)."""
+        settings = replace(self.settings, val_fraction=0.0)
+        path, _ = prepared_path(self.val_files, None, self.tokenizer, settings,
+                                self._cache_root())  # fmt: skip
+        if not (path / MANIFEST).is_file():
+            prepare(self.val_files, path, self.tokenizer, settings,
+                    tokenizer_name=self.tokenizer_name, num_proc=self.prepare_workers)  # fmt: skip
+        return path
 
     def _prepared_dir(self) -> Path:
         """The prepared directory to read: ``prepared``, checked against the run, or the cache
@@ -185,6 +215,9 @@ class TextDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         self._load_tokenizer()
+        if self.streaming:
+            self._setup_streaming()
+            return
         path = self._prepared_dir()
         self.manifest = read_manifest(path)
         if self.manifest["key"] not in _PREPARED_HERE:
@@ -193,6 +226,26 @@ class TextDataModule(LightningDataModule):
         self.train_dataset = PreparedExamples(path / "train")
         has_val = "val" in self.manifest["splits"] and self.manifest["splits"]["val"]["examples"]
         self.val_dataset = PreparedExamples(path / "val") if has_val else None
+
+    def _setup_streaming(self) -> None:
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps < 0:
+            raise ValueError(
+                "data.streaming: a stream has no length, so the run needs trainer.max_steps (and "
+                "an integer trainer.val_check_interval to validate during it)"
+            )
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.train_dataset = StreamedBlocks(
+            self.train_files, self.tokenizer, self.settings, rank=rank, world_size=world,
+            shuffle_buffer=self.shuffle_buffer, blocks_done=self._blocks_done,
+        )  # fmt: skip
+        self.val_dataset = None
+        if self.val_files is not None:
+            self.val_dataset = PreparedExamples(self._val_dir() / "train")
+
+    def _blocks_done(self) -> int:
+        """This process's blocks trained on so far in the run (restored when resuming)."""
+        return epoch_batches_done(self.trainer) * self.batch_size if self.trainer else 0
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
@@ -209,6 +262,8 @@ class TextDataModule(LightningDataModule):
         """Shuffled training batches (a new permutation every epoch; a run resumed mid-epoch
         continues at the same position, see :class:`lrkd.data.resumable.ResumableSampler`)."""
         assert self.train_dataset is not None, "call setup() first"
+        if self.streaming:
+            return self._loader(self.train_dataset, None)
         sampler = ShuffledSampler(self, len(self.train_dataset), self.seed)
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
@@ -216,7 +271,7 @@ class TextDataModule(LightningDataModule):
             sampler.load_state_dict(self._restored_sampler)
             self._restored_sampler = None
         self._sampler = sampler
-        return self._loader(self.train_dataset, sampler)
+        return self._loader(self.train_dataset, sampler.for_ranks())
 
     def state_dict(self) -> dict[str, Any]:
         """The training sampler's position in the epoch (saved in checkpoints)."""
@@ -234,3 +289,17 @@ class TextDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """The validation split, used for ``lrkd test``."""
         return self.val_dataloader()
+
+
+def _check_streaming(train_files: list[str] | None, prepared: str | None, workers: int) -> None:
+    """Refuse a streaming setup that cannot work, naming the field."""
+    if train_files is None or prepared is not None:
+        raise ValueError(
+            "data.streaming reads data.train_files (local paths or URLs of plain text); give them "
+            "(and no data.prepared)"
+        )
+    if workers:
+        raise ValueError(
+            "data.streaming tokenises in the training process (so that a resumed run skips exactly "
+            "the blocks it trained on); set data.num_workers: 0"
+        )
