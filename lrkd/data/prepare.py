@@ -351,9 +351,8 @@ def _kind(records: dict[str, Any]) -> str:
                 first[kind] = ds.data.column("where")[index].as_py()
     if len(first) > 1:
         raise ValueError(
-            "data: the files mix plain-text records and prompt+response records (e.g. "
-            f"{first['text']} is text, {first['prompt_response']} is prompt+response); give one "
-            "kind per DataModule"
+            "data: the files mix plain-text records and prompt+response records: "
+            f"{first['text']}, {first['prompt_response']}; give one kind per DataModule"
         )
     return next(iter(first))
 
