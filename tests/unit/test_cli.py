@@ -145,9 +145,10 @@ def test_top_level_help_lists_every_subcommand(capsys) -> None:
 
     assert main(["--help"]) is None
     out = capsys.readouterr().out
-    for name in ("fit", "validate", "test", "predict", "export", "rank", "env"):
+    names = {"fit", "validate", "test", "predict", "export", "prepare", "rank", "env"}
+    for name in sorted(names):
         assert f"\n  {name} " in out, name
-    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "export", "rank", "env"}
+    assert set(SUBCOMMANDS) == names
     # The installed console script, as a user types it; no subcommand is a usage error.
     script = [sys.executable, "-c", "from lrkd.cli import console_main; console_main()"]
     done = subprocess.run(script, capture_output=True, text=True)
