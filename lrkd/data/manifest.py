@@ -123,14 +123,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(
-            f"data.prepared: {path} is not a prepared dataset (no {MANIFEST}; an interrupted "
+            f"data.prepared is not a prepared dataset (no {MANIFEST}; an interrupted "
             "lrkd prepare leaves none); prepare it with: lrkd prepare --train_files FILES "
             f"--tokenizer TEACHER --out {path}"
         )
     manifest = json.loads(file.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(
-            f"data.prepared: {path} was prepared by another lrkd version (format "
+            "data.prepared was prepared by another lrkd version (format "
             f"{manifest.get('format')}, this one reads {FORMAT}); re-prepare: "
             f"{reprepare_command(path)}"
         )
@@ -156,27 +156,27 @@ def check_manifest(
     (a prepared directory may travel without them).
 
     Raises:
-        ValueError: naming what differs and the command that prepares the data again.
+        ValueError: naming what differs and the command that prepares the data again (which
+            names ``path``: the message does not repeat it, to stay one short line).
     """
     name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or "the teacher's"
     made = manifest["tokenizer"]
     if made["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(
-            f"data.prepared: {path} was tokenised with {made['name']!r}, not with the teacher's "
-            f"tokenizer {name!r} (their vocabularies or templates differ); re-prepare: "
-            f"{reprepare_command(path, tokenizer=name)}"
+            f"data.prepared was tokenised with {made['name']!r}, not with the teacher's "
+            f"tokenizer; re-prepare: {reprepare_command(path, tokenizer=name)}"
         )
     made_length = manifest["settings"]["seq_length"]
     if made_length != settings.seq_length:
         raise ValueError(
-            f"data.seq_length={settings.seq_length}, but {path} was prepared with seq_length="
+            f"data.seq_length={settings.seq_length}, but data.prepared has seq_length="
             f"{made_length}; set data.seq_length: {made_length}, or re-prepare: "
             f"{reprepare_command(path, seq_length=settings.seq_length)}"
         )
     made_template = manifest["settings"]["chat_template"]
     if manifest["kind"] == "prompt_response" and made_template != settings.chat_template:
         raise ValueError(
-            f"data.chat_template={settings.chat_template}, but {path} was prepared with "
+            f"data.chat_template={settings.chat_template}, but data.prepared has "
             f"chat_template={made_template}; set data.chat_template: {made_template}, or "
             f"re-prepare: {reprepare_command(path, chat_template=settings.chat_template)}"
         )
@@ -185,7 +185,7 @@ def check_manifest(
             changed = _changed(entry)
             if changed:
                 raise ValueError(
-                    f"data.prepared: source {entry['path']} {changed} since {path} was prepared; "
+                    f"data.prepared: source {entry['path']} {changed} since it was prepared; "
                     f"re-prepare: {reprepare_command(path)}"
                 )
 

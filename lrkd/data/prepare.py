@@ -199,11 +199,12 @@ class _Notes(logging.Handler):
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Remove this host's staging directories of ``out`` left by interrupted prepares."""
+    """Remove this host's staging directories of ``out`` left by interrupted prepares (one
+    named with this process's id too: a restarted container may reuse the id of a killed one)."""
     host = socket.gethostname()
     for stale in out.parent.glob(f".{out.name}.partial-{host}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -267,7 +268,9 @@ def _prepare_into(
         prepared = {split: _pack_text(ds, split, tokenizer, settings, token_type, workers)
                     for split, ds in records.items() if len(ds)}  # fmt: skip
     else:
-        prepared = _fit_examples(records, tokenizer, settings, token_type, workers)
+        # (datasets' map leaves an empty split without the new columns: no val split then)
+        prepared = _fit_examples({split: ds for split, ds in records.items() if len(ds)},
+                                 tokenizer, settings, token_type, workers)  # fmt: skip
     splits = {}
     for split, ds in prepared.items():
         if not len(ds) and kind == "text":
@@ -309,6 +312,12 @@ def _read(paths: list[Path], settings: PrepareSettings, cache: Path, workers: in
         cause = err.__cause__ or err.__context__
         if isinstance(cause, (ValueError, OSError)):  # a malformed record, named by our reader
             raise cause from None
+        if processes:  # a worker's error comes back as text only: read again here to name it
+            try:
+                for _ in _generate_records(**kwargs):
+                    pass
+            except (ValueError, OSError) as found:
+                raise found from None
         raise
 
 
@@ -342,9 +351,8 @@ def _kind(records: dict[str, Any]) -> str:
                 first[kind] = ds.data.column("where")[index].as_py()
     if len(first) > 1:
         raise ValueError(
-            "data: the files mix plain-text records and prompt+response records (e.g. "
-            f"{first['text']} is text, {first['prompt_response']} is prompt+response); give one "
-            "kind per DataModule"
+            "data: the files mix plain-text records and prompt+response records: "
+            f"{first['text']}, {first['prompt_response']}; give one kind per DataModule"
         )
     return next(iter(first))
 

@@ -42,7 +42,8 @@ def is_saved_dataset(path: Path) -> bool:
 
 def expand_sources(paths: list[str], field: str = "data.train_files") -> list[Path]:
     """The record sources of ``paths``: files as given, a saved ``datasets`` directory as one
-    source, any other directory as its files of a supported type (recursively, sorted).
+    source, any other directory as its files of a supported type and the saved ``datasets``
+    directories in it (recursively, sorted).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -57,7 +58,7 @@ def expand_sources(paths: list[str], field: str = "data.train_files") -> list[Pa
             _check_suffix(path, field)
             sources.append(path)
             continue
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        found = _directory_sources(path)
         if not found:
             raise ValueError(
                 f"{field}: directory {path} holds no data files ({', '.join(SUFFIXES)}) and is "
@@ -65,6 +66,22 @@ def expand_sources(paths: list[str], field: str = "data.train_files") -> list[Pa
             )
         sources.extend(found)
     return sources
+
+
+def _directory_sources(path: Path) -> list[Path]:
+    """The data files under ``path`` (recursively, sorted), a saved ``datasets`` directory in it
+    as one source (not its own Arrow and JSON files)."""
+    saved: list[Path] = []
+    found: list[Path] = []
+    for p in sorted(path.rglob("*")):  # a directory sorts before what it holds
+        if any(s in p.parents for s in saved):
+            continue
+        if is_saved_dataset(p):
+            saved.append(p)
+            found.append(p)
+        elif p.is_file() and p.suffix.lower() in SUFFIXES:
+            found.append(p)
+    return found
 
 
 def _check_suffix(path: Path, field: str) -> None:

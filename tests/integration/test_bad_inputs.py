@@ -10,6 +10,7 @@ exception. ``test_console_shows_the_same_last_line`` checks that against real pr
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import traceback
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from lrkd.cli import main
+from lrkd.data.corpus import builtin_corpus
 
 #: The longest last line a bad input may end with.
 SHORT = 300
@@ -83,7 +85,12 @@ def base_config(tmp: Path, teacher: Path) -> dict[str, Any]:
         },
         "data": {
             "class_path": "lrkd.data.text.TextDataModule",
-            "init_args": {"seq_length": 32, "batch_size": 4, "builtin_documents": 100},
+            "init_args": {
+                "seq_length": 32,
+                "batch_size": 4,
+                "builtin_documents": 100,
+                "cache_dir": str(tmp / "data_cache"),
+            },
         },
     }
 
@@ -186,6 +193,71 @@ def _latin1_file(config: dict[str, Any], tmp: Path) -> None:
     set_in(config, "data.init_args.train_files", [str(path)])
 
 
+def _jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(f"{json.dumps(row)}\n" for row in rows))
+    return path
+
+
+def _text_data(config: dict[str, Any], **init_args: Any) -> None:
+    """``config``'s TextDataModule (its cache under tmp, as in base_config) with ``init_args``."""
+    for name, value in init_args.items():
+        set_in(config, f"data.init_args.{name}", value)
+
+
+def _bad_jsonl_line(config: dict[str, Any], tmp: Path) -> None:
+    path = _jsonl(tmp / "notes.jsonl", [{"text": "a first note"}, {"text": "a second note"}])
+    path.write_text(path.read_text() + '{"text": "a third note",}\n')
+    _text_data(config, train_files=[str(path)])
+
+
+def _parquet_with_other_columns(config: dict[str, Any], tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"question": ["2+2?", "3+3?"], "answer": ["4", "6"]})
+    pq.write_table(table, tmp / "qa.parquet")
+    _text_data(config, train_files=[str(tmp / "qa.parquet")])
+
+
+def _mixed_kinds(config: dict[str, Any], tmp: Path) -> None:
+    text = _jsonl(tmp / "stories.jsonl", [{"text": f"story {i}"} for i in range(4)])
+    pairs = _jsonl(tmp / "chats.jsonl", [{"prompt": "hi", "response": "hello"}] * 4)
+    _text_data(config, train_files=[str(text), str(pairs)])
+
+
+def _prepared_with(tmp: Path, tokenizer: Any, name: str) -> Path:
+    """The built-in corpus prepared under ``tmp`` with ``tokenizer`` (named ``name``)."""
+    from lrkd.data.manifest import PrepareSettings
+    from lrkd.data.prepare import prepare
+
+    source = _jsonl(tmp / "corpus.jsonl", [{"text": d} for d in builtin_corpus(100)])
+    settings = PrepareSettings(seq_length=32)
+    return prepare([str(source)], tmp / "prepared", tokenizer, settings, tokenizer_name=name)
+
+
+def _prepared_with_another_tokenizer(config: dict[str, Any], tmp: Path) -> None:
+    from conftest import make_tokenizer
+
+    other = make_tokenizer()
+    other.add_tokens(["the"])
+    prepared = _prepared_with(tmp, other, "my-other-tokenizer")
+    _text_data(config, prepared=str(prepared))
+
+
+def _source_changed_after_prepare(config: dict[str, Any], tmp: Path) -> None:
+    from conftest import make_tokenizer
+
+    prepared = _prepared_with(tmp, make_tokenizer(), str(config["model"]["teacher"]))
+    with (tmp / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "one more document, added after lrkd prepare"}) + "\n")
+    _text_data(config, prepared=str(prepared))
+
+
+def _unfinished_prepared(config: dict[str, Any], tmp: Path) -> None:
+    (tmp / "prepared" / "train").mkdir(parents=True)  # as an interrupted copy might leave it
+    _text_data(config, prepared=str(tmp / "prepared"))
+
+
 def _two_stage(config: dict[str, Any], tmp: Path) -> None:
     config["trainer"]["callbacks"].append({
         "class_path": "lrkd.callbacks.two_stage.TwoStageKL",
@@ -248,6 +320,19 @@ CASES: list[Case] = [
          "model.optimizer"),
     Case("batch_size 0", flag("--data.init_args.batch_size", "0"), "data.batch_size"),
     Case("a file that is not UTF-8", fit(_latin1_file), "latin1.txt"),
+    # Data files and prepared data (lrkd prepare).
+    Case("a malformed JSONL line", fit(_bad_jsonl_line), "notes.jsonl:3",
+         also=("malformed JSON",)),
+    Case("a parquet file with other columns", fit(_parquet_with_other_columns), "qa.parquet:1",
+         also=("['answer', 'question']",)),
+    Case("text and prompt+response records mixed", fit(_mixed_kinds), "stories.jsonl:1",
+         also=("chats.jsonl:1",)),
+    Case("data prepared with another tokenizer", fit(_prepared_with_another_tokenizer),
+         "my-other-tokenizer", also=("lrkd prepare --like",)),
+    Case("a source changed after lrkd prepare", fit(_source_changed_after_prepare),
+         "corpus.jsonl", also=("changed size", "lrkd prepare --like")),
+    Case("a prepared directory without its manifest", fit(_unfinished_prepared),
+         "data.prepared", also=("manifest.json", "lrkd prepare --train_files")),
     Case("truncated checkpoint to export", export_case(_truncated), "--ckpt_path",
          left_alone=("student",)),
     Case("not a checkpoint, to export", export_case(_not_a_checkpoint), "--ckpt_path",
