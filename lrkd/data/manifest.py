@@ -88,14 +88,22 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Content hashes this process computed, by (path, size, modification time): a corpus is hashed
+# once per process, not once for the cache key, again for the manifest and again in setup().
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def source_entry(path: Path) -> dict[str, Any]:
     """A source's manifest entry: its absolute path, size, modification time and content hash."""
     stat = path.stat()
     size = stat.st_size if path.is_file() else sum(
         p.stat().st_size for p in path.rglob("*") if p.is_file()
     )  # fmt: skip
-    return {"path": str(path.resolve()), "size": size, "mtime_ns": stat.st_mtime_ns,
-            "hash": content_hash(path)}  # fmt: skip
+    resolved = str(path.resolve())
+    seen = (resolved, size, stat.st_mtime_ns)
+    if seen not in _HASHES or not path.is_file():  # a directory's files may change unseen
+        _HASHES[seen] = content_hash(path)
+    return {"path": resolved, "size": size, "mtime_ns": stat.st_mtime_ns, "hash": _HASHES[seen]}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -159,7 +167,7 @@ def check_manifest(
         ValueError: naming what differs and the command that prepares the data again (which
             names ``path``: the message does not repeat it, to stay one short line).
     """
-    name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or "the teacher's"
+    name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or "TEACHER"
     made = manifest["tokenizer"]
     if made["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(

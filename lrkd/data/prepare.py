@@ -169,8 +169,9 @@ def prepare(
     log.addHandler(notes)
     try:
         manifest = _prepare_into(staging, sources, tokenizer, settings, workers)
+        inputs = {"train": _absolute(train_files), "val": _absolute(val_files)}
         manifest.update(
-            format=FORMAT, key=key, sources=entries, num_proc=workers,
+            format=FORMAT, key=key, inputs=inputs, sources=entries, num_proc=workers,
             seconds=round(time.perf_counter() - start, 2), warnings=notes.messages,
             tokenizer={"name": tokenizer_name or getattr(tokenizer, "name_or_path", "") or "",
                        "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -611,10 +612,17 @@ def _manifest_options(path: Path) -> dict[str, Any]:
         read_manifest(path)  # raises, saying how to prepare it
     manifest = json.loads((path / MANIFEST).read_text())
     options = {**manifest["settings"], "tokenizer": manifest["tokenizer"]["name"] or None}
-    for split, entries in manifest["sources"].items():
-        if entries:
-            options[f"{split}_files"] = [entry["path"] for entry in entries]
+    for split, given in manifest["inputs"].items():  # as given: a directory is read afresh
+        if given:
+            options[f"{split}_files"] = given
     return options
+
+
+def _absolute(paths: list[str] | None) -> list[str] | None:
+    """``paths`` as absolute paths (URLs as they are), for the manifest."""
+    if paths is None:
+        return None
+    return [p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths]
 
 
 def _fit_config_data(path: Path) -> dict[str, Any]:

@@ -633,6 +633,21 @@ def test_cli_like_takes_sources_and_settings(tmp_path, tiny_teacher_dir) -> None
     assert (first / MANIFEST).stat().st_mtime_ns == mtime
 
 
+def test_cli_like_reads_a_source_directory_afresh(tmp_path, tiny_teacher_dir) -> None:
+    """A directory given as a source is listed again by --like: files added since are read."""
+    src = tmp_path / "dir"
+    write_jsonl(src / "a.jsonl", [{"text": d} for d in builtin_corpus(30, seed=1)])
+    first = main(["prepare", "--train_files", str(src), "--tokenizer", str(tiny_teacher_dir),
+                  "--seq_length", "16", "--out", str(tmp_path / "first")])  # fmt: skip
+    write_jsonl(src / "b.jsonl", [{"text": d} for d in builtin_corpus(30, seed=2)])
+    again = main(["prepare", "--like", str(first), "--out", str(tmp_path / "again")])
+    listed = [Path(e["path"]).name for e in json.loads((again / MANIFEST).read_text())
+              ["sources"]["train"]]  # fmt: skip
+    assert listed == ["a.jsonl", "b.jsonl"]
+    direct = prepare([str(src)], tmp_path / "direct", make_tokenizer(), settings(seq_length=16))
+    assert examples(again) == examples(direct)
+
+
 def test_prepare_warnings_are_kept_and_repeated(tmp_path, tiny_teacher_dir, caplog) -> None:
     records = [{"prompt": "p" * 30, "response": "r"}, {"prompt": "q", "response": "s" * 40},
                *({"prompt": "hi", "response": "yo"} for _ in range(8))]  # fmt: skip
