@@ -612,7 +612,8 @@ def _manifest_options(path: Path) -> dict[str, Any]:
         read_manifest(path)  # raises, saying how to prepare it
     manifest = json.loads((path / MANIFEST).read_text())
     options = {**manifest["settings"], "tokenizer": manifest["tokenizer"]["name"] or None}
-    for split, given in manifest["inputs"].items():  # as given: a directory is read afresh
+    listed = {split: [e["path"] for e in entries] for split, entries in manifest["sources"].items()}
+    for split, given in manifest.get("inputs", listed).items():  # a directory is listed afresh
         if given:
             options[f"{split}_files"] = given
     return options
