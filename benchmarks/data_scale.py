@@ -79,21 +79,22 @@ def peak_rss(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> d
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
     peaks = {"RssAnon": 0, "RssFile": 0}
-    while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-        except OSError:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
             break
-        for line in status.splitlines():
+        try:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
             key = line.split(":")[0]
             if key in peaks:
                 peaks[key] = max(peaks[key], int(line.split()[1]))
         time.sleep(0.1)
-    _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
-    code = proc.returncode if proc.returncode is not None else status
-    if code:
+    if status:
         raise SystemExit(f"{' '.join(argv)} failed: see {cwd / 'fit.log'}")
-    total = usage.ru_maxrss // 1024 if usage is not None else -1
+    total = usage.ru_maxrss // 1024
     return {"peak RSS MB": total, "peak anon MB": peaks["RssAnon"] // 1024,
             "peak file-backed MB": peaks["RssFile"] // 1024,
             "wall s": round(time.perf_counter() - start, 1)}  # fmt: skip
