@@ -184,12 +184,19 @@ class TextDataModule(LightningDataModule):
 
     def _val_dir(self) -> Path:
         """The prepared ``val_files`` of a streaming run (their ``train`` split)."""
-        settings = replace(self.settings, val_fraction=0.0)
-        path, _ = prepared_path(self.val_files, None, self.tokenizer, settings,
+        return self._cached(self.val_files, None, replace(self.settings, val_fraction=0.0))
+
+    def _cached(
+        self, train_files: list[str] | None, val_files: list[str] | None,
+        settings: PrepareSettings,
+    ) -> Path:  # fmt: skip
+        """The cache entry of these files and settings, prepared now if it is not there."""
+        path, _ = prepared_path(train_files, val_files, self.tokenizer, settings,
                                 self._cache_root())  # fmt: skip
         if not (path / MANIFEST).is_file():
-            prepare(self.val_files, path, self.tokenizer, settings,
+            prepare(train_files, path, self.tokenizer, settings, val_files=val_files,
                     tokenizer_name=self.tokenizer_name, num_proc=self.prepare_workers)  # fmt: skip
+            _PREPARED_HERE.add(read_manifest(path)["key"])
         return path
 
     def _prepared_dir(self) -> Path:
@@ -200,15 +207,7 @@ class TextDataModule(LightningDataModule):
             check_manifest(read_manifest(path), path, self.tokenizer, self.tokenizer_name,
                            self.settings)  # fmt: skip
             return path
-        path, _ = prepared_path(self.train_files, self.val_files, self.tokenizer,
-                                self.settings, self._cache_root())  # fmt: skip
-        if not (path / MANIFEST).is_file():
-            prepare(
-                self.train_files, path, self.tokenizer, self.settings, val_files=self.val_files,
-                tokenizer_name=self.tokenizer_name, num_proc=self.prepare_workers,
-            )  # fmt: skip
-            _PREPARED_HERE.add(read_manifest(path)["key"])
-        return path
+        return self._cached(self.train_files, self.val_files, self.settings)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the prepared data (preparing raw files first when ``prepare_data`` has not)."""
@@ -234,7 +233,8 @@ class TextDataModule(LightningDataModule):
                 "data.streaming: a stream has no length, so the run needs trainer.max_steps (and "
                 "an integer trainer.val_check_interval to validate during it)"
             )
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        shards = getattr(trainer, "distributed_sampler_kwargs", None) if trainer else None
+        rank, world = (shards["rank"], shards["num_replicas"]) if shards else (0, 1)
         self.train_dataset = StreamedBlocks(
             self.train_files, self.tokenizer, self.settings, rank=rank, world_size=world,
             shuffle_buffer=self.shuffle_buffer, blocks_done=self._blocks_done,
