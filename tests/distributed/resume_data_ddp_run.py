@@ -10,22 +10,19 @@ as its own process: DDP re-executes this file.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
+from conftest import tiny_paced_datamodule
+from resume_runs import ddp_fit, full_first_resumed
 
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.distributed import close_process_group
-from lrkd.models.students import FromTeacherConfig
-from lrkd.module import DistillationModule
 
 
 class Record(Callback):
@@ -38,7 +35,7 @@ class Record(Callback):
 
 
 def fit(out: Path, teacher_dir: Path, mode: str, run: str, max_steps: int,
-        ckpt: Path | None = None) -> None:  # fmt: skip
+        ckpt: Path | None) -> None:  # fmt: skip
     # 31 examples an epoch: 16 per rank (one padded), 4 batches of 4; re-estimated every 2
     # steps, so the weights change in the middle of every epoch.
     datamodule = tiny_paced_datamodule(
@@ -46,34 +43,12 @@ def fit(out: Path, teacher_dir: Path, mode: str, run: str, max_steps: int,
         estimate_every_n_steps=2, estimate_every_n_epochs=None, rollout_max_new_tokens=3,
         teacher_max_new_tokens=5,
     )  # fmt: skip
-    module = DistillationModule(
-        teacher=str(teacher_dir), teacher_dtype="float32",
-        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
-    )  # fmt: skip
-    record = Record()
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, limit_val_batches=0,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[record, PassRatePacing(),
-                   ModelCheckpoint(dirpath=out / f"{mode}_{run}_ckpt", save_top_k=-1,
-                                   every_n_train_steps=1, filename="{step}")],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    path = out / f"{mode}_{run}_rank{trainer.global_rank}.json"
-    path.write_text(json.dumps(record.seen))
+    ddp_fit(out, teacher_dir, mode, run, max_steps, ckpt, datamodule, Record(), PassRatePacing())
 
 
 def main(out_dir: str, stop_at: int, total: int) -> None:
     out = Path(out_dir)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
-    for mode in ("sampling", "loss_weight"):
-        fit(out, teacher_dir, mode, "full", total)
-        fit(out, teacher_dir, mode, "first", stop_at)
-        fit(out, teacher_dir, mode, "resumed", total,
-            out / f"{mode}_first_ckpt" / f"step={stop_at}.ckpt")  # fmt: skip
+    full_first_resumed(out, ("sampling", "loss_weight"), fit, stop_at, total)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,15 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer
+from resume_runs import ddp_fit, full_first_resumed
 
 from lrkd.data.corpus import builtin_corpus
 from lrkd.data.text import TextDataModule
 from lrkd.distributed import close_process_group
-from lrkd.models.students import FromTeacherConfig
-from lrkd.module import DistillationModule
 
 SEQ_LENGTH, BATCH = 32, 4
 
@@ -52,40 +49,19 @@ def data_files(out: Path) -> list[str]:
 
 
 def fit(out: Path, teacher_dir: Path, mode: str, run: str, max_steps: int,
-        ckpt: Path | None = None) -> None:  # fmt: skip
+        ckpt: Path | None) -> None:  # fmt: skip
     datamodule = TextDataModule(
         train_files=data_files(out), tokenizer=str(teacher_dir), seq_length=SEQ_LENGTH,
         batch_size=BATCH, val_fraction=0.0, cache_dir=str(out / "cache"),
         streaming=mode == "streaming", shuffle_buffer=8,
     )  # fmt: skip
-    module = DistillationModule(
-        teacher=str(teacher_dir), teacher_dtype="float32",
-        student=FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
-    )  # fmt: skip
-    record = Record()
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, limit_val_batches=0,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[record, ModelCheckpoint(dirpath=out / f"{mode}_{run}_ckpt", save_top_k=-1,
-                                           every_n_train_steps=1, filename="{step}")],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    path = out / f"{mode}_{run}_rank{trainer.global_rank}.json"
-    path.write_text(json.dumps(record.seen))
+    ddp_fit(out, teacher_dir, mode, run, max_steps, ckpt, datamodule, Record())
 
 
 def main(out_dir: str, stop_at: int, total: int) -> None:
     out = Path(out_dir)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
     data_files(out)
-    for mode in ("prepared", "streaming"):
-        fit(out, teacher_dir, mode, "full", total)
-        fit(out, teacher_dir, mode, "first", stop_at)
-        fit(out, teacher_dir, mode, "resumed", total,
-            out / f"{mode}_first_ckpt" / f"step={stop_at}.ckpt")  # fmt: skip
+    full_first_resumed(out, ("prepared", "streaming"), fit, stop_at, total)
 
 
 if __name__ == "__main__":
