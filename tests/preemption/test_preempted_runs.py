@@ -127,12 +127,15 @@ def test_sigterm_in_a_paced_run_resumes_bit_for_bit(tmp_path, tiny_teacher_dir) 
 def test_sigkill_in_training_resumes_from_the_last_checkpoint(
     tmp_path, tiny_teacher_dir, text_reference
 ) -> None:
-    """SIGKILL once 4 steps are recorded (checkpoints every 2 steps); the same command with
+    """SIGKILL once 4 steps are recorded (checkpoints every 2 steps; the run stalls after step 4,
+    so that the kill lands before the end however fast the steps are); the same command with
     ``--ckpt_path last`` trains the rest; the steps trained twice have the same losses."""
     expected_losses, expected_weights = text_reference
     out = tmp_path / "run"
+    stall = {"class_path": "preemption.tools.StallAfter",
+             "init_args": {"step": 4, "marker": str(tmp_path / "stalled")}}  # fmt: skip
     config = write_config(tmp_path / "run.yaml", tiny_teacher_dir, out, STEPS,
-                          checkpoint={**EVERY_2, "save_last": True})  # fmt: skip
+                          checkpoint={**EVERY_2, "save_last": True}, callbacks=[stall])  # fmt: skip
 
     status, log = fit_until(config, tmp_path / "tmp", lambda: len(losses(out)) >= 4)
     assert status == -9, log[-3000:]

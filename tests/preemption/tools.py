@@ -87,6 +87,22 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class StallAfter(Callback):
+    """Sleeps at the end of optimizer step ``step`` (after the callbacks before it recorded the
+    step), the first time only (``marker`` is created), so that a test's SIGKILL lands in the
+    middle of training however fast the steps run."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0) -> None:
+        self.step = step
+        self.marker = Path(marker)
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.touch()
+            time.sleep(self.seconds)
+
+
 class StallingCheckpointIO(AtomicCheckpointIO):
     """AtomicCheckpointIO whose write of the checkpoint at ``stall_step`` writes half of the
     file, creates ``marker`` and sleeps (so that the test can SIGKILL the process in the middle
