@@ -34,6 +34,7 @@ from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
 from lrkd.errors import setting_error, short_message
+from lrkd.hardware import auto_precision
 from lrkd.models.teachers import load_teacher
 from lrkd.module import RENAMED as MODEL_RENAMED
 from lrkd.module import DistillationModule
@@ -51,12 +52,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 def default_precision() -> str:
-    """``trainer.precision`` when a config gives none: ``bf16-mixed`` where a CUDA GPU supports
-    bf16 (bf16 tensor-core matmuls, and the LRC weights generated in bf16), else ``32-true``
-    (Lightning's own default)."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    """``trainer.precision`` when a config gives none: ``bf16-mixed`` where bf16 is fast (a
+    CUDA GPU that supports it, or a CPU whose measured bf16 matmul is clearly faster than fp32:
+    :mod:`lrkd.hardware`), else ``32-true`` (Lightning's own default)."""
+    return auto_precision()
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -70,7 +69,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 class LRKDCLI(LightningCLI):
     """LightningCLI with lrkd's defaults: TensorBoard logs and checkpoints under ``runs/``, and
-    bf16 mixed precision on a GPU that supports it (:func:`default_precision`).
+    bf16 mixed precision where the hardware runs bf16 fast (:func:`default_precision`).
 
     Values shared by model and data are wired here, once, when the config is parsed: the data's
     tokenizer is the teacher's when the config gives a teacher by name and no ``data.tokenizer``;

@@ -82,8 +82,8 @@ def packages() -> list[PackageInfo]:
     return out
 
 
-def cpu_description() -> str:
-    """The CPU model, its core count and which matmul extensions it has."""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (from /proc/cpuinfo; no flags where it is absent)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -96,7 +96,18 @@ def cpu_description() -> str:
                     break
     except OSError:
         pass
-    have = [flag for flag in CPU_FLAGS if flag in flags]
+    return model, flags
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` (the matmul extensions) this CPU has."""
+    return [flag for flag in CPU_FLAGS if flag in cpu_model_and_flags()[1]]
+
+
+def cpu_description() -> str:
+    """The CPU model, its core count and which matmul extensions it has."""
+    model, _ = cpu_model_and_flags()
+    have = cpu_flags()
     return f"{model}, {os.cpu_count()} cores, {' '.join(have) or 'no AVX2/AVX-512/AMX flags'}"
 
 
@@ -119,12 +130,14 @@ def accelerator_description() -> list[str]:
 def report() -> str:
     """The whole report, as printed by ``lrkd env``."""
     from lrkd import __version__
+    from lrkd.hardware import cpu_bf16_probe
 
     lines = [
         f"lrkd {__version__}",
         f"python {platform.python_version()} ({sys.executable})",
         f"platform {platform.platform()}",
         f"cpu {cpu_description()}",
+        f"cpu bf16 {cpu_bf16_probe().describe().removeprefix('lrkd: CPU bf16 matmul is ')}",
         *accelerator_description(),
         "packages (installed, lrkd's supported range):",
     ]

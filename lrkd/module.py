@@ -72,7 +72,9 @@ class DistillationModule(LightningModule):
             (:class:`~lrkd.generation.on_policy.OnPolicy`: ``fraction``, ``max_new_tokens``,
             ``temperature``, ``top_p``, ``seed``, ``eos_token_id``).
         teacher_dtype: dtype of the teacher's weights: ``float32``, ``bfloat16``, ``float16``,
-            or ``auto`` (bfloat16 on a GPU that supports it, else float32).
+            or ``auto``: bfloat16 where the hardware runs it fast (a GPU that supports it, or a
+            CPU whose bf16 matmul measured clearly faster than fp32: :mod:`lrkd.hardware`),
+            else float32; a teacher given as a module keeps its dtype.
         activation_checkpointing: recompute each student decoder layer (for a low-rank clone,
             each (teacher layer, student layer) pair) in backward instead of storing its
             activations: less memory for about one more forward of compute.

@@ -155,6 +155,23 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Force the CPU probe of :mod:`lrkd.hardware`: ``cpu_bf16(8.0)`` makes ``auto`` pick bf16
+    (as on an AMX Xeon), ``cpu_bf16(0.1)`` fp32 (as on an AVX2-only CPU); no CUDA either way.
+    The probe's per-process cache is cleared before and after."""
+    from lrkd import hardware
+
+    def force(speedup: float) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv(hardware.PROBE_ENV, str(speedup))
+        hardware.cpu_bf16_probe.cache_clear()
+
+    hardware.cpu_bf16_probe.cache_clear()
+    yield force
+    hardware.cpu_bf16_probe.cache_clear()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``gpu`` are skipped, with the reason reported, when CUDA is absent."""
     if torch.cuda.is_available():

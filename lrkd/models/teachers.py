@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrkd.hardware import auto_teacher_dtype
 from lrkd.models import zoo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -125,16 +126,15 @@ def frozen_teacher(teacher: str | nn.Module, dtype: str = "auto") -> tuple[nn.Mo
 
     Args:
         teacher: a built-in name, local directory or hub id, or a causal LM ``nn.Module``.
-        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` (bfloat16 on a GPU that
-            supports it, else float32); a module keeps its dtype under ``auto``.
+        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` (bfloat16 where the hardware
+            runs it fast: a GPU that supports it, or a CPU whose measured bf16 matmul is
+            clearly faster than fp32, :mod:`lrkd.hardware`; else float32); a module keeps its
+            dtype under ``auto``.
     """
     check_teacher_dtype(dtype)
     tokenizer: Any = None
     if isinstance(teacher, str):
-        torch_dtype = TEACHER_DTYPES.get(dtype)
-        if dtype == "auto":
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            torch_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        torch_dtype = auto_teacher_dtype() if dtype == "auto" else TEACHER_DTYPES[dtype]
         tokenizer = load_tokenizer(teacher, field="model.teacher")
         teacher = load_teacher(teacher, dtype=torch_dtype)
     elif dtype in TEACHER_DTYPES:

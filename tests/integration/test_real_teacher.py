@@ -22,6 +22,7 @@ def module() -> DistillationModule:
         teacher="smollm2-135m-instruct",
         student=FromTeacherConfig(hidden_size=64, num_hidden_layers=2, seed=0),
         loss=Loss(ce_weight=0.5),
+        teacher_dtype="float32",  # fp32 parity below; auto would be bf16 on an AMX CPU
     )
 
 
