@@ -80,7 +80,7 @@ def test_fsdp2_bf16_low_rank_clone_fits_and_exports_on_cuda(tmp_path, tiny_teach
     lrc = {"class_path": "lrkd.models.lowrank.LowRankCloneBuilder",
            "init_args": {"hidden_size": 32}}  # fmt: skip
     _fit_on_cuda(tmp_path, tiny_teacher_dir, {"class_path": "lrkd.distributed.FSDP2Strategy"},
-                 lrc, clone_weight=0.2)  # fmt: skip
+                 lrc, loss={"clone_weight": 0.2})  # fmt: skip
     assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # sharded
     out = main(["export", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--out",
                 str(tmp_path / "exported")])  # fmt: skip
