@@ -64,8 +64,10 @@ Peak memory: on CUDA, ``torch.cuda.max_memory_allocated()`` over the timed steps
 optimizer state and activations: everything allocated at once); on CPU, the growth of the
 process's peak RSS (``ru_maxrss``) from just before the models are built to the end.
 
-``--trl`` adds TRL's GKDTrainer step on the plain shape when ``trl`` is installed. That code
-path is UNTESTED (trl was not installed where this script was written).
+``--trl`` adds TRL's GKDTrainer step on the plain shape (``pip install -e '.[bench]'``);
+``tests/unit/test_throughput_smoke.py`` runs it at the tiny shape and checks that its first loss
+is lrkd's. The whole-job CPU comparison against TRL (a real teacher, a Lightning Trainer, each
+tool at its best precision) is ``benchmarks/vs_trl.py``.
 
 Example::
 
@@ -336,7 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="Write the numbers here.")
     parser.add_argument(
-        "--trl", action="store_true", help="Also time TRL's GKDTrainer (UNTESTED; needs trl)."
+        "--trl", action="store_true", help="Also time TRL's GKDTrainer (needs trl)."
     )
     parser.add_argument("--teacher-hidden", type=int, default=d.teacher_hidden)
     parser.add_argument("--student-hidden", type=int, default=d.student_hidden)
@@ -583,9 +585,9 @@ def trl_step_fn(
 ) -> tuple[Callable[[], Any], dict[str, Any]]:
     """TRL GKDTrainer's training step on the plain shape (lmbda=0, beta=0: forward KL).
 
-    UNTESTED: trl was not installed where this was written. It builds a GKDTrainer with a
-    one-row dummy dataset and a minimal in-code tokenizer (its collator is never used), then
-    times ``trainer.training_step`` on random batches under the same autocast as the lrkd rows
+    It builds a GKDTrainer (trl >= 1.0: ``trl.experimental.gkd``) with a one-row dummy dataset
+    and a minimal in-code tokenizer (its collator is never used), then times
+    ``trainer.training_step`` on random batches under the same autocast as the lrkd rows
     (training_step runs forward and backward, so the backward is inside it too), followed by a
     step of an AdamW over the student (Trainer.train(), which would make its own optimizer and
     wrap the model for mixed precision, is never called).
@@ -605,9 +607,12 @@ def trl_step_fn(
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    from trl import GKDConfig, GKDTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # trl >= 1.0
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer  # older trl
     teacher = build_teacher(shape, args, device)
     with torch.device(device):
         student = plain_student_builder(shape, args.seed)(teacher)
@@ -643,6 +648,7 @@ def trl_step_fn(
     )
     model = trainer.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation  # as train() sets
     batches = []
     for batch in random_batches(shape, micro_batch, args.gradient_accumulation, device, 1):
         labels = batch["input_ids"].clone()
@@ -912,8 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             notes.append(
                 "trl row: TRL GKDTrainer.training_step (lmbda=0, beta=0) + AdamW step, plain "
-                "shape; UNTESTED code path"
-                + (f" -- it FAILED: {row['error']}" if "error" in row else "")
+                "shape" + (f" -- it FAILED: {row['error']}" if "error" in row else "")
             )
         else:
             notes.append("--trl: trl is not installed; no GKDTrainer row.")

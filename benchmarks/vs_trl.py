@@ -245,7 +245,8 @@ def trl_steps(teacher_dir: str, precision: str, batches: list[dict[str, Any]]) -
 def lrkd_run(
     teacher_dir: str, precision: str, batches: list[dict[str, Any]], warmup: int
 ) -> tuple[float, list[float], str]:
-    """lrkd's step in a Lightning Trainer; returns (timed seconds, losses, teacher dtype)."""
+    """lrkd's step in a Lightning Trainer; returns (timed seconds, every step's loss, teacher
+    dtype)."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -288,7 +289,7 @@ def lrkd_run(
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     teacher_dtype = str(next(module.teacher.parameters()).dtype).removeprefix("torch.")
-    return times["end"] - times["start"], losses[warmup:], teacher_dtype
+    return times["end"] - times["start"], losses, teacher_dtype
 
 
 def matmul_ceiling(dtype: Any, size: int) -> float:
@@ -349,10 +350,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         build = trl_steps if kind == "trl" else bare_steps
         run = build(args.teacher_dir, precision, batches)
-        for batch in batches[: args.warmup]:
-            run(batch)
+        losses = [run(batch) for batch in batches[: args.warmup]]
         start = time.perf_counter()
-        losses = [run(batch) for batch in batches[args.warmup :]]
+        losses += [run(batch) for batch in batches[args.warmup :]]
         elapsed = time.perf_counter() - start
         teacher_dtype = "bfloat16" if precision.startswith("bf16") else "float32"
     peak = peak_rss_bytes()
@@ -371,7 +371,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "ceiling_dtype": str(ceiling_dtype).removeprefix("torch."),
         "flops_per_token": flops,
         "mfu": flops * tokens_per_s / 1e12 / ceiling,
-        "losses": losses,
+        "losses": losses,  # every step's, warm-up included
     }
 
 
@@ -443,6 +443,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "mfu": max(r["mfu"] for r in done),
             "ceiling_tflops": statistics.median(r["ceiling_tflops"] for r in done),
             "ceiling_dtype": done[0]["ceiling_dtype"],
+            "first_loss": done[0]["losses"][0],
         }
     return out
 
@@ -533,6 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(setting)
     print()
     print("\n".join(table_lines(summary)))
+    print()
+    print(
+        "first-step loss (same teacher, student and batch, before any update; equal up to "
+        "rounding when the precisions match): "
+        + ", ".join(f"{kind} {s['first_loss']:.6f}" for kind, s in summary.items())
+    )
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"{r['kind']} FAILED: {r['error']}\n{r.get('stderr', '')[-2000:]}", file=sys.stderr)

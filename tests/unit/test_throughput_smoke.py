@@ -81,3 +81,21 @@ def test_throughput_tiny_cpu(tmp_path: Path) -> None:
 
     # At the issue's default shape the teacher + student FLOPs are the issue's 17.5 GFLOP/token.
     assert report["cross_check"]["model_gflop_per_token"] == pytest.approx(17.5, rel=0.01)
+
+
+def test_trl_row_on_the_tiny_shape(tmp_path: Path) -> None:
+    """``--trl``: TRL's GKDTrainer step (forward KL) on the plain tiny shape, beside lrkd's."""
+    pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[bench]'")
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1",
+           "--warmup", "0", "--steps-kind", "plain", "--trl", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["kind"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "trl"}
+    assert "error" not in rows["trl"], rows["trl"]
+    assert rows["trl"]["tokens_per_s"] > 0
+    # Same teacher, student init and batch, forward KL over the same targets: the first (and
+    # only, before any update) loss of TRL's step is lrkd's.
+    assert rows["trl"]["losses"][0] == pytest.approx(rows["plain"]["losses"][0], rel=1e-4)
+    assert "FAILED" not in proc.stdout
