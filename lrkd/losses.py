@@ -565,12 +565,22 @@ def _chunked_loss(
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """Per-row loss over the rows of ``[..., V]`` tensors that recomputes each chunk in backward.
+    """Per-row loss over the rows of ``[..., V]`` tensors, chunk by chunk, with each chunk's
+    gradient taken in the same pass.
 
     Inputs: ``student`` logits ``[..., V]``, ``other`` (teacher logits ``[..., V]`` or integer
     targets ``[..., 1]``), a bool ``keep`` mask over the ``N`` flattened rows, the row function,
     the compute dtype and the rows per chunk. Output: ``[N]`` values in the compute dtype, zero
     where ``keep`` is false. Gradients come back contiguous, in each input's dtype.
+
+    Every row's value depends on that row's logits only, so when an input needs a gradient the
+    forward pass also takes ``d value_i / d logits_i`` of each chunk (one autograd pass over the
+    chunk it has just computed) and keeps them; backward only scales row ``i`` by the incoming
+    ``grad_values[i]``, in place. Nothing is recomputed in backward (this class used to run
+    every chunk's forward twice), the inputs themselves are not kept (the teacher's logits can
+    be freed as soon as the loss is computed), and the memory held between forward and backward
+    is one gradient per differentiable input, the buffer backward returns. A graph retained for
+    a second backward is refused by autograd's check of saved tensors.
     """
 
     @staticmethod
@@ -584,59 +594,69 @@ class _ChunkedRowLoss(torch.autograd.Function):
         chunk_rows: int,
     ) -> Tensor:
         # Autograd runs forward under no_grad, so the chunk temporaries are freed right away.
-        student_rows, other_rows = _Rows(student), _Rows(other)
+        inputs = (student, other)
+        need = ctx.needs_input_grad[:2]
+        rows_of = [_Rows(x) for x in inputs]
         values = torch.zeros(keep.shape[0], dtype=compute_dtype, device=student.device)
-        for rows in _chunks(chunk_rows, student_rows, other_rows):
-            keep_rows = keep[rows]
-            if not keep_rows.any():
-                continue
-            chunk = row_fn(
-                _upcast(student_rows[rows], compute_dtype), _upcast(other_rows[rows], compute_dtype)
-            )
-            # where rather than multiply, so garbage (inf/NaN) in masked-out rows cannot leak.
-            values[rows] = torch.where(keep_rows, chunk, 0.0)
-        ctx.save_for_backward(student, other, keep)
-        ctx.row_fn = row_fn
-        ctx.compute_dtype = compute_dtype
-        ctx.chunk_rows = chunk_rows
-        return values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_values: Tensor) -> tuple[Tensor | None, ...]:
-        student, other, keep = ctx.saved_tensors
-        student_rows, other_rows = _Rows(student), _Rows(other)
-        need_student, need_other = ctx.needs_input_grad[:2]
-        grad_student = _new_grad(student) if need_student else None
-        grad_other = _new_grad(other) if need_other else None
-        grad_rows = [
-            grad.view(-1, grad.shape[-1]) for grad in (grad_student, grad_other) if grad is not None
-        ]
-
-        for rows in _chunks(ctx.chunk_rows, student_rows, other_rows):
+        # Unit gradients in the input's dtype and layout (contiguous): the buffer backward
+        # scales in place and returns, so the loss holds no more memory than one gradient.
+        grads = [_new_grad(x) if n else None for x, n in zip(inputs, need, strict=True)]
+        grad_rows = [g.view(-1, g.shape[-1]) for g in grads if g is not None]
+        for rows in _chunks(chunk_rows, *rows_of):
             keep_rows = keep[rows]
             if not keep_rows.any():
                 for grad in grad_rows:
                     grad[rows].zero_()
                 continue
-            with torch.enable_grad():
-                student_chunk = _upcast(student_rows[rows], ctx.compute_dtype).detach()
-                other_chunk = _upcast(other_rows[rows], ctx.compute_dtype).detach()
-                student_chunk.requires_grad_(need_student)
-                other_chunk.requires_grad_(need_other)
-                chunk_grads = torch.autograd.grad(
-                    ctx.row_fn(student_chunk, other_chunk),
-                    [x for x in (student_chunk, other_chunk) if x.requires_grad],
-                    grad_outputs=torch.where(keep_rows, grad_values[rows], 0.0),
-                )
-            del student_chunk, other_chunk
-            masked_out = None if keep_rows.all() else ~keep_rows.unsqueeze(-1)
-            for grad, chunk_grad in zip(grad_rows, chunk_grads, strict=True):
-                grad[rows].copy_(chunk_grad)
-                if masked_out is not None:  # NaN/inf logits in masked-out rows stay out
-                    grad[rows].masked_fill_(masked_out, 0.0)
-            del chunk_grads
-        return grad_student, grad_other, None, None, None, None
+            chunks = [_upcast(x[rows], compute_dtype) for x in rows_of]
+            if not grad_rows:
+                chunk = row_fn(*chunks)
+            else:
+                with torch.enable_grad():
+                    pairs = zip(chunks, need, strict=True)
+                    chunks = [c.detach().requires_grad_(n) for c, n in pairs]
+                    chunk = row_fn(*chunks)
+                    # grad_outputs = keep: masked-out rows get no gradient; where, below, keeps
+                    # inf/NaN in them out (0 * inf would be NaN).
+                    chunk_grads = torch.autograd.grad(
+                        chunk,
+                        [c for c in chunks if c.requires_grad],
+                        grad_outputs=keep_rows.to(chunk.dtype),
+                    )
+                chunk = chunk.detach()
+                masked_out = None if keep_rows.all() else ~keep_rows.unsqueeze(-1)
+                for grad, chunk_grad in zip(grad_rows, chunk_grads, strict=True):
+                    grad[rows].copy_(chunk_grad)
+                    if masked_out is not None:
+                        grad[rows].masked_fill_(masked_out, 0.0)
+                del chunk_grads
+            # where rather than multiply, so garbage (inf/NaN) in masked-out rows cannot leak.
+            values[rows] = torch.where(keep_rows, chunk, 0.0)
+            del chunks, chunk
+        ctx.present = [g is not None for g in grads]
+        ctx.chunk_rows = chunk_rows
+        ctx.save_for_backward(keep, *[g for g in grads if g is not None])
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_values: Tensor) -> tuple[Tensor | None, ...]:
+        # The unit gradients are scaled in place and handed on, so a second backward through
+        # a retained graph fails in autograd's check of saved tensors instead of going wrong.
+        keep, *saved = ctx.saved_tensors
+        scale = torch.where(keep, grad_values, 0.0).unsqueeze(-1)
+        unit = iter(saved)
+        out = [next(unit) if present else None for present in ctx.present]
+        for grad in out:
+            if grad is None:
+                continue
+            rows = grad.view(-1, grad.shape[-1])
+            # A chunk at a time: a bf16 gradient times the float32 scale makes float32
+            # temporaries of the size of what is multiplied.
+            for start in range(0, rows.shape[0], ctx.chunk_rows):
+                chunk = slice(start, start + ctx.chunk_rows)
+                rows[chunk].mul_(scale[chunk])
+        return out[0], out[1], None, None, None, None
 
 
 class _Rows:

@@ -296,8 +296,11 @@ class DistillationObjective(nn.Module):
         else:
             kd_sel = d(student_logits[t.rows], teacher_logits[t.teacher_rows])
             kd_tokens = _scatter(kd_sel, t.rows, t.mask)
+        # Logged always, differentiated only when it is in the loss: the chunked losses take
+        # their gradients in the forward pass, so a weight-0 CE would cost one for nothing.
+        ce_logits = student_logits if self.ce_weight else student_logits.detach()
         ce = chunked_cross_entropy(
-            student_logits, t.targets, t.mask, chunk_size=d.chunk_size, reduction="mean"
+            ce_logits, t.targets, t.mask, chunk_size=d.chunk_size, reduction="mean"
         )
         return kd_tokens, ce, teacher_logits
 
