@@ -83,7 +83,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -601,67 +600,25 @@ def trl_step_fn(
     Returns:
         ``step()`` and a dict of model facts, as :func:`lrkd_step_fn`.
     """
-    import tempfile
-
     import torch
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from trl_gkd import gkd_batch, gkd_trainer
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer  # trl >= 1.0
-    except ImportError:
-        from trl import GKDConfig, GKDTrainer  # older trl
     teacher = build_teacher(shape, args, device)
     with torch.device(device):
         student = plain_student_builder(shape, args.seed)(teacher)
     student = student.to(device).train()
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-    )
-    config = GKDConfig(
-        output_dir=tempfile.mkdtemp(prefix="throughput_trl_"),
-        lmbda=0.0,
-        beta=0.0,
-        temperature=args.temperature,
-        seq_kd=False,
-        per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=args.gradient_accumulation,
-        bf16=args.precision == "bf16-mixed",
-        max_length=shape.seq,
+    trainer = gkd_trainer(
+        student, teacher, None, micro_batch=micro_batch, max_length=shape.seq,
+        bf16=args.precision == "bf16-mixed", use_cpu=device.type == "cpu",
+        accumulation=args.gradient_accumulation, temperature=args.temperature,
         gradient_checkpointing=args.activation_checkpointing,
-        report_to="none",
-        use_cpu=device.type == "cpu",
-    )
-    messages = [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=Dataset.from_dict({"messages": messages}),
-        processing_class=tokenizer,
-    )
+    )  # fmt: skip
     model = trainer.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation  # as train() sets
-    batches = []
-    for batch in random_batches(shape, micro_batch, args.gradient_accumulation, device, 1):
-        labels = batch["input_ids"].clone()
-        labels[:, :1] = -100
-        batches.append(
-            {
-                "input_ids": batch["input_ids"],
-                "attention_mask": batch["attention_mask"],
-                "labels": labels,
-                "prompts": batch["input_ids"][:, :1],
-                "prompt_attention_mask": batch["attention_mask"][:, :1],
-            }
-        )
+    batches = [
+        gkd_batch(batch)
+        for batch in random_batches(shape, micro_batch, args.gradient_accumulation, device, 1)
+    ]
     autocast = precision_context(args.precision, device)
 
     def step() -> Any:

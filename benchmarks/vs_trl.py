@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -179,61 +178,23 @@ def bare_steps(teacher_dir: str, precision: str, batches: list[dict[str, Any]]) 
 def trl_steps(teacher_dir: str, precision: str, batches: list[dict[str, Any]]) -> Callable:
     """TRL GKDTrainer's step (lmbda 0, beta 0); returns ``run(batch) -> loss``."""
     import torch
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer  # trl >= 1.0
-    except ImportError:
-        from trl import GKDConfig, GKDTrainer  # older trl
-    from datasets import Dataset
+    from trl_gkd import gkd_batch, gkd_trainer
 
     from lrkd.models.teachers import load_tokenizer
 
     teacher, student = load_models(teacher_dir, precision)
-    tokenizer = load_tokenizer(teacher_dir)
-    config = GKDConfig(
-        output_dir=tempfile.mkdtemp(prefix="vs_trl_"),
-        lmbda=0.0,
-        beta=0.0,
-        temperature=1.0,
-        seq_kd=False,
-        learning_rate=LR,
-        max_grad_norm=CLIP,
-        per_device_train_batch_size=len(batches[0]["input_ids"]),
-        max_length=batches[0]["input_ids"].shape[1],
-        bf16=precision.startswith("bf16"),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        dataloader_num_workers=0,
-    )
-    messages = [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=Dataset.from_dict({"messages": messages}),
-        processing_class=tokenizer,
-    )
+    trainer = gkd_trainer(
+        student, teacher, load_tokenizer(teacher_dir),
+        micro_batch=len(batches[0]["input_ids"]), max_length=batches[0]["input_ids"].shape[1],
+        bf16=precision.startswith("bf16"), use_cpu=True, learning_rate=LR, max_grad_norm=CLIP,
+    )  # fmt: skip
     model = trainer.model
     trainer.create_optimizer()  # TRL's own AdamW over the student, lr 1e-4, as train() makes it
     optimizer = trainer.optimizer
-    trainer.current_gradient_accumulation_steps = 1  # set by train() before each step
-
-    def as_trl(batch: dict[str, Any]) -> dict[str, Any]:
-        labels = batch["input_ids"].clone()
-        labels[:, :1] = -100  # the one-token "prompt" is not a target, as in lrkd's shift
-        return {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "labels": labels,
-            "prompts": batch["input_ids"][:, :1],
-            "prompt_attention_mask": batch["attention_mask"][:, :1],
-        }
 
     def run(batch: dict[str, Any]) -> float:
         with autocast_for(precision):
-            loss = trainer.training_step(model, as_trl(batch))
+            loss = trainer.training_step(model, gkd_batch(batch))
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
