@@ -5,10 +5,10 @@ CPUs differ by two orders of magnitude in bf16 matmul speed: Intel Xeons with AM
 matmul about 7x faster than fp32, AVX2-only machines (many AMD EPYCs) 10-100x slower. So on
 the CPU lrkd does not guess: the first time a default is needed, :func:`cpu_bf16_probe` times a
 small fp32 and a small bf16 matmul, alternating (a few milliseconds where bf16 is fast, about
-0.25 s where it is slow), and ``auto`` means bf16 where bf16 was at least :data:`BF16_SPEEDUP` times as
-fast as fp32. The decision and the measured ratio are logged once per process; the ratio is
-exported in :data:`PROBE_ENV`, so that processes started from this one (DDP's workers) make the
-same choice without measuring again.
+0.25 s where it is slow), and ``auto`` means bf16 where bf16 was at least
+:data:`BF16_SPEEDUP` times as fast as fp32. The decision and the measured ratio are logged once
+per process; the ratio is exported in :data:`PROBE_ENV`, so that processes started from this one
+(DDP's workers) make the same choice without measuring again.
 
 Setting :data:`PROBE_ENV` yourself skips the measurement: ``LRKD_CPU_BF16_SPEEDUP=0`` keeps fp32,
 ``LRKD_CPU_BF16_SPEEDUP=8`` picks bf16. An explicit ``trainer.precision`` or
