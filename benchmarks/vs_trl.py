@@ -5,7 +5,8 @@ The same job three ways, each timed in its own fresh process, the processes alte
 
 - ``trl``: ``trl``'s GKDTrainer with ``lmbda=0`` (no student generations: off-policy) and
   ``beta=0`` (forward KL), ``training_step`` (its ``compute_loss``, its backward) then a
-  gradient clip and an AdamW step, as ``Trainer.train`` would do them;
+  gradient clip and a step of its own AdamW, as ``Trainer.train`` would do them
+  (``trl_gkd.py``, shared with ``throughput.py --trl``);
 - ``bare``: a plain PyTorch loop: teacher forward under ``torch.inference_mode``, student
   forward, full-vocabulary log-softmaxes of both, forward KL over the target tokens, backward,
   clip, AdamW;
