@@ -84,7 +84,6 @@ import importlib.util
 import json
 import math
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -729,19 +728,13 @@ def measure(kind: str, argv: Sequence[str], args: argparse.Namespace) -> dict[st
         "--warmup", str(args.warmup), "--steps", str(args.steps),
         "--ceiling-size", str(args.ceiling_size),
     ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *argv, *resolved, "--worker", kind],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line.removeprefix(RESULT_MARKER))
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    if "OutOfMemoryError" in tail:
-        tail += " (try --activation-checkpointing or a smaller --micro-batch)"
-    return {"kind": kind, "error": f"exit {proc.returncode}: {tail}", "stderr": proc.stderr[-4000:]}
+    from workers import run_worker as run_fresh
+
+    script = Path(__file__).resolve()
+    row = run_fresh(script, [*argv, *resolved, "--worker", kind], RESULT_MARKER, kind)
+    if "OutOfMemoryError" in row.get("error", ""):
+        row["error"] += " (try --activation-checkpointing or a smaller --micro-batch)"
+    return row
 
 
 def complete_row(row: dict[str, Any], shape: Shape, precision: str) -> dict[str, Any]:

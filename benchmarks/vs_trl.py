@@ -42,7 +42,6 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -346,17 +345,9 @@ def measure(kind: str, args: argparse.Namespace, teacher_dir: str) -> dict[str, 
         "--lrkd-precision", args.lrkd_precision, "--ceiling-size", str(args.ceiling_size),
         "--teacher-dir", teacher_dir, "--worker", kind,
     ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line.removeprefix(RESULT_MARKER))
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"kind": kind, "error": f"exit {proc.returncode}: {tail}", "stderr": proc.stderr[-4000:]}
+    from workers import run_worker as run_fresh
+
+    return run_fresh(Path(__file__).resolve(), argv, RESULT_MARKER, kind)
 
 
 def tiny_teacher(folder: Path) -> str:
