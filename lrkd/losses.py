@@ -15,6 +15,10 @@ Conventions:
 * ``skew_forward_kl`` / ``skew_reverse_kl`` are DistiLLM's skewed KLs (Ko et al., 2024):
   ``KL(p || a * p + (1 - a) * q)`` and ``KL(q || a * q + (1 - a) * p)`` with ``a = skew_alpha``.
 * ``tvd`` is the total variation distance ``0.5 * sum |p - q|``.
+* A cached teacher gives only its top-k tokens and the mass outside them:
+  :func:`top_k_kd_divergence` takes the same divergences between the k + 1-bucket coarsenings
+  of both distributions (a lower bound of the full divergence, equal when k covers the
+  vocabulary).
 * The temperature divides both logits; no ``T**2`` gradient correction is applied here.
 * All arithmetic is done in ``torch.promote_types(dtype, float32)`` (float32 for bf16/fp16/fp32
   logits), probabilities that are exactly zero (e.g. from ``-inf`` logits) contribute zero, and
@@ -51,6 +55,7 @@ __all__ = [
     "chunked_cross_entropy",
     "head_kd_losses",
     "kd_divergence",
+    "top_k_kd_divergence",
 ]
 
 DivergenceKind = Literal[
@@ -179,6 +184,93 @@ def chunked_cross_entropy(
     return _chunked_loss(
         logits, safe_targets, keep, _cross_entropy_rows, compute_dtype, chunk_size, reduction
     )
+
+
+def top_k_kd_divergence(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail_logprob: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    chunk_size: int | None = None,
+    reduction: Reduction = "none",
+) -> Tensor:
+    """Divergence between a sparse teacher (its top-k tokens and the mass outside them) and the
+    student's full next-token distribution, as from a teacher cache.
+
+    Both distributions are coarsened to the same k + 1 outcomes: each of the teacher's k tokens,
+    and one tail bucket holding everything else (the teacher's stored tail mass; the student's
+    mass outside those k tokens). The divergence ``kind`` is then taken between the two
+    coarsened distributions, exactly as :func:`kd_divergence` takes it between full ones. The
+    teacher's k + 1 log-probabilities are renormalised first (rounding in fp16 storage leaves
+    their sum a little off 1).
+
+    Bias: every divergence here is an f-divergence, and merging outcomes can only lower an
+    f-divergence (the data-processing inequality), so the value is a lower bound of the full
+    one, equal when the student's distribution within the tail is proportional to the
+    teacher's, and in particular when the top-k covers the vocabulary (tail mass 0): then this
+    equals :func:`kd_divergence` on the full logits, value and gradient. Within the tail the
+    student's tokens get one gradient, that of the bucket: the loss moves the tail's total mass
+    and leaves its shape alone. Dropping the tail instead (renormalising over the top-k) would
+    also bias the loss, and is not offered.
+
+    Args:
+        student_logits: Student logits ``[..., V]``.
+        teacher_ids: The teacher's top-k token ids ``[..., k]`` (any integer dtype), distinct
+            within a row and in ``[0, V)``.
+        teacher_logprobs: Their log-probabilities ``[..., k]`` at ``temperature``.
+        teacher_tail_logprob: The log of the teacher's mass outside them ``[...]`` (``-inf`` when
+            the top-k holds it all).
+        kind, beta, skew_alpha: the divergence, as in :func:`kd_divergence`.
+        temperature: divides the student's logits; the teacher's log-probabilities must have been
+            taken at the same temperature (they are not re-tempered: the tail cannot be).
+        mask: Tokens to include, broadcastable to ``student_logits.shape[:-1]``.
+        chunk_size: Rows per chunk; ``None`` chooses as in :func:`kd_divergence`.
+        reduction: ``none``, ``sum``, ``mean`` or ``per_example``, as in :func:`kd_divergence`.
+
+    Returns:
+        The reduced loss, in float32 (float64 for float64 inputs). Only the student's logits get
+        a gradient.
+
+    Raises:
+        ValueError: On shapes that do not match, non-integer ids, or the argument errors of
+            :func:`kd_divergence`.
+    """
+    _check_divergence_args(kind, temperature, beta, skew_alpha)
+    batch_shape = student_logits.shape[:-1]
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"Teacher top-k ids {tuple(teacher_ids.shape)} and log-probs "
+            f"{tuple(teacher_logprobs.shape)} must both be the student logits' leading shape "
+            f"{tuple(batch_shape)} followed by k"
+        )
+    if teacher_tail_logprob.shape != batch_shape:
+        raise ValueError(
+            f"Teacher tail log-probs {tuple(teacher_tail_logprob.shape)} must have the student "
+            f"logits' leading shape {tuple(batch_shape)}"
+        )
+    if teacher_ids.is_floating_point() or not student_logits.is_floating_point():
+        raise ValueError("Teacher ids must be integers and student logits floating point")
+    if teacher_ids.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(
+            f"The teacher keeps {teacher_ids.shape[-1]} tokens per position, more than the "
+            f"student's {student_logits.shape[-1]} logits"
+        )
+    row_fn = functools.partial(
+        _top_k_divergence_rows, kind=kind, temperature=temperature, beta=beta,
+        skew_alpha=skew_alpha,
+    )  # fmt: skip
+    compute_dtype = _compute_dtype(student_logits.dtype, teacher_logprobs.dtype)
+    tail = teacher_tail_logprob.unsqueeze(-1)
+    return _chunked_loss(
+        student_logits, teacher_logprobs, mask, row_fn, compute_dtype, chunk_size, reduction,
+        extra=(teacher_ids, tail),
+    )  # fmt: skip
 
 
 def head_kd_losses(
@@ -412,6 +504,22 @@ class KDDivergence(nn.Module):
             reduction=reduction,
         )
 
+    def top_k(
+        self,
+        student_logits: Tensor,
+        teacher_ids: Tensor,
+        teacher_logprobs: Tensor,
+        teacher_tail_logprob: Tensor,
+        mask: Tensor | None = None,
+        reduction: Reduction = "none",
+    ) -> Tensor:
+        """The divergence against a sparse (cached) teacher; see :func:`top_k_kd_divergence`."""
+        return top_k_kd_divergence(
+            student_logits, teacher_ids, teacher_logprobs, teacher_tail_logprob, self.kind,
+            self.temperature, mask, beta=self.beta, skew_alpha=self.skew_alpha,
+            chunk_size=self.chunk_size, reduction=reduction,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, "
@@ -460,9 +568,19 @@ def _divergence_rows(
         teacher = teacher / temperature
     if kind == "tvd":
         return 0.5 * (teacher.softmax(-1) - student.softmax(-1)).abs().sum(-1)
+    return _log_prob_divergence(
+        student.log_softmax(-1), teacher.log_softmax(-1), kind=kind, beta=beta,
+        skew_alpha=skew_alpha,
+    )  # fmt: skip
 
-    log_q = student.log_softmax(-1)
-    log_p = teacher.log_softmax(-1)
+
+def _log_prob_divergence(
+    log_q: Tensor, log_p: Tensor, *, kind: str, beta: float, skew_alpha: float
+) -> Tensor:
+    """Per-row divergence between normalised teacher (``log_p``) and student (``log_q``)
+    log-probabilities."""
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         return _kl(log_p, log_q)
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
@@ -475,6 +593,35 @@ def _divergence_rows(
     if kind == "skew_reverse_kl":
         return _kl(log_q, _log_mixture(log_q, log_p, skew_alpha))
     raise AssertionError(f"unhandled divergence kind {kind!r}")
+
+
+def _top_k_divergence_rows(
+    student: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_ids: Tensor,
+    teacher_tail: Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew_alpha: float,
+) -> Tensor:
+    """Per-row divergence between a sparse teacher's k + 1 buckets (top-k tokens and tail) and
+    the student's mass on the same buckets (see :func:`top_k_kd_divergence`)."""
+    if temperature != 1.0:
+        student = student / temperature
+    log_q = student.log_softmax(-1)
+    index = teacher_ids.long()
+    # The student's tail: its log-mass outside the teacher's tokens. Those are replaced by the
+    # most negative finite value rather than -inf: with an empty tail (k = V) logsumexp of all
+    # -inf would send NaN into the gradient; this way the tail is ~exp(-3e38) = 0, exactly.
+    floor = torch.finfo(log_q.dtype).min
+    log_q_tail = log_q.scatter(-1, index, floor).logsumexp(-1, keepdim=True)
+    student_buckets = torch.cat([log_q.gather(-1, index), log_q_tail], dim=-1)
+    teacher_buckets = torch.cat([teacher_logprobs, teacher_tail], dim=-1).log_softmax(-1)
+    return _log_prob_divergence(
+        student_buckets, teacher_buckets, kind=kind, beta=beta, skew_alpha=skew_alpha
+    )
 
 
 def _cross_entropy_rows(logits: Tensor, targets: Tensor) -> Tensor:
@@ -533,6 +680,7 @@ def _chunked_loss(
     compute_dtype: torch.dtype,
     chunk_size: int | None,
     reduction: str,
+    extra: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """Flattens to rows, runs ``row_fn`` chunk by chunk and applies the reduction."""
     if reduction not in REDUCTIONS:
@@ -551,7 +699,7 @@ def _chunked_loss(
 
     keep = _broadcast_mask(mask, batch_shape, student.device)
     values = _ChunkedRowLoss.apply(
-        student, other, keep.reshape(-1), row_fn, compute_dtype, chunk_size
+        student, other, keep.reshape(-1), row_fn, compute_dtype, chunk_size, extra
     ).reshape(batch_shape)
 
     if reduction == "none":
@@ -570,7 +718,8 @@ class _ChunkedRowLoss(torch.autograd.Function):
 
     Inputs: ``student`` logits ``[..., V]``, ``other`` (teacher logits ``[..., V]`` or integer
     targets ``[..., 1]``), a bool ``keep`` mask over the ``N`` flattened rows, the row function,
-    the compute dtype and the rows per chunk. Output: ``[N]`` values in the compute dtype, zero
+    the compute dtype, the rows per chunk, and ``extra`` row-aligned tensors that the row function
+    also reads and that take no gradient (a cached teacher's token ids and tail). Output: ``[N]`` values in the compute dtype, zero
     where ``keep`` is false. Gradients come back contiguous, in each input's dtype.
 
     Every row's value depends on that row's logits only, so when an input needs a gradient the
@@ -592,30 +741,33 @@ class _ChunkedRowLoss(torch.autograd.Function):
         row_fn: RowFn,
         compute_dtype: torch.dtype,
         chunk_rows: int,
+        extra: tuple[Tensor, ...] = (),
     ) -> Tensor:
         # Autograd runs forward under no_grad, so the chunk temporaries are freed right away.
         inputs = (student, other)
         need = ctx.needs_input_grad[:2]
         rows_of = [_Rows(x) for x in inputs]
+        extra_rows = [_Rows(x) for x in extra]
         values = torch.zeros(keep.shape[0], dtype=compute_dtype, device=student.device)
         # Unit gradients in the input's dtype and layout (contiguous): the buffer backward
         # scales in place and returns, so the loss holds no more memory than one gradient.
         grads = [_new_grad(x) if n else None for x, n in zip(inputs, need, strict=True)]
         grad_rows = [g.view(-1, g.shape[-1]) for g in grads if g is not None]
-        for rows in _chunks(chunk_rows, *rows_of):
+        for rows in _chunks(chunk_rows, *rows_of, *extra_rows):
             keep_rows = keep[rows]
             if not keep_rows.any():
                 for grad in grad_rows:
                     grad[rows].zero_()
                 continue
             chunks = [_upcast(x[rows], compute_dtype) for x in rows_of]
+            extras = [_upcast(x[rows], compute_dtype) for x in extra_rows]
             if not grad_rows:
-                chunk = row_fn(*chunks)
+                chunk = row_fn(*chunks, *extras)
             else:
                 with torch.enable_grad():
                     pairs = zip(chunks, need, strict=True)
                     chunks = [c.detach().requires_grad_(n) for c, n in pairs]
-                    chunk = row_fn(*chunks)
+                    chunk = row_fn(*chunks, *extras)
                     # grad_outputs = keep: masked-out rows get no gradient; where, below, keeps
                     # inf/NaN in them out (0 * inf would be NaN).
                     chunk_grads = torch.autograd.grad(
@@ -632,7 +784,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
                 del chunk_grads
             # where rather than multiply, so garbage (inf/NaN) in masked-out rows cannot leak.
             values[rows] = torch.where(keep_rows, chunk, 0.0)
-            del chunks, chunk
+            del chunks, chunk, extras
         ctx.present = [g is not None for g in grads]
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(keep, *[g for g in grads if g is not None])
@@ -656,7 +808,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
             for start in range(0, rows.shape[0], ctx.chunk_rows):
                 chunk = slice(start, start + ctx.chunk_rows)
                 rows[chunk].mul_(scale[chunk])
-        return out[0], out[1], None, None, None, None
+        return out[0], out[1], None, None, None, None, None
 
 
 class _Rows:
