@@ -6,6 +6,9 @@ resolved config and ``lrkd fit --help`` every argument with its documentation.
 model directory (a low-rank clone is materialised first).
 ``lrkd rank --teacher NAME --num_tokens N`` prints the rank advisor's table: the student width
 r* = c * sqrt(N) suggests and the teacher's spectral tail at each width.
+``lrkd prepare`` tokenises and packs records ahead of time; ``lrkd cache-teacher`` runs the
+teacher once over prepared data and stores its top-k log-probabilities, so that ``lrkd fit`` with
+``model.teacher_cache`` trains without loading it.
 ``lrkd env`` prints the versions and hardware a bug report needs; ``lrkd --version`` lrkd's.
 """
 
@@ -30,6 +33,7 @@ from lrkd.callbacks.preemption import Preempted, PreemptionCheckpoint
 from lrkd.checkpointing import AtomicCheckpointIO
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
+from lrkd.data.teacher_cache import TEACHER_DIR
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
@@ -94,13 +98,18 @@ class LRKDCLI(LightningCLI):
             self._resumed = {"path": ckpt_path, "model": config["model"].clone()}
 
     def before_instantiate_classes(self) -> None:
-        """Apply the resume rules, and fill in ``data.tokenizer`` from ``model.teacher``."""
+        """Apply the resume rules, and fill in ``data.tokenizer`` from ``model.teacher`` (or
+        ``data.prepared`` and ``data.tokenizer`` from ``model.teacher_cache``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self._resumed is not None:
             self._apply_resume_rules(config)
         data, model = config.get("data"), config.get("model")
         teacher = model.get("teacher") if model is not None else None
         init_args = data.get("init_args") if data is not None else None
+        cache = model.get("teacher_cache") if model is not None else None
+        if cache is not None:
+            wire_teacher_cache(cache, data)
+            return
         wants = init_args is not None and "tokenizer" in init_args
         if isinstance(teacher, str) and wants and init_args.tokenizer is None:
             init_args.tokenizer = teacher
@@ -288,6 +297,52 @@ def _export_main(argv: list[str]) -> Path:
     return export(**parser.parse_args(argv).as_dict())
 
 
+def wire_teacher_cache(cache: str, data: Any) -> None:
+    """Point the data at ``model.teacher_cache``: ``data.prepared`` (when the config gives no
+    data source) and ``data.tokenizer`` (the cache's copy of the teacher's tokenizer).
+
+    Raises:
+        SystemExit: a DataModule that cannot read a cache, or other data than the cache's.
+    """
+    init_args = data.get("init_args") if data is not None else None
+    if init_args is None or "prepared" not in init_args:
+        name = data.get("class_path") if data is not None else None
+        _exit(f"model.teacher_cache needs prepared data read by lrkd.data.text.TextDataModule "
+              f"(data.class_path), not {name}")  # fmt: skip
+    given = init_args.prepared
+    if init_args.get("train_files") is not None or init_args.get("streaming"):
+        _exit("model.teacher_cache: the data comes from the cache; leave data.train_files "
+              "(and data.streaming) out")  # fmt: skip
+    if given is None:
+        init_args.prepared = cache
+    elif Path(given).expanduser().resolve() != Path(cache).expanduser().resolve():
+        _exit(
+            f"data.prepared={given!r} is not model.teacher_cache={cache!r}: the batches must "
+            "carry the cache's teacher log-probs; leave data.prepared out (lrkd fit sets it)"
+        )
+    if "tokenizer" in init_args and init_args.tokenizer is None:
+        init_args.tokenizer = str(Path(cache).expanduser() / TEACHER_DIR)
+
+
+def _exit(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _cache_teacher_main(argv: list[str]) -> Path:
+    from jsonargparse import ArgumentParser
+
+    from lrkd.data.cache_teacher import cache_teacher_command
+
+    parser = ArgumentParser(
+        prog="lrkd cache-teacher",
+        description="Run the teacher once over prepared data and store its top-k log-probs, "
+        "for lrkd fit with model.teacher_cache.",
+    )
+    parser.add_function_arguments(cache_teacher_command)
+    return cache_teacher_command(**parser.parse_args(argv).as_dict())
+
+
 def _prepare_main(argv: list[str]) -> Path:
     from jsonargparse import ArgumentParser
 
@@ -450,6 +505,7 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "run the test loop on a checkpoint (--ckpt_path)",
     "predict": "the student's greedy next-token predictions (--ckpt_path)",
     "prepare": "tokenise and pack records into a memory-mapped dataset (--train_files, --out)",
+    "cache-teacher": "store the teacher's top-k log-probs over prepared data (--prepared, --out)",
     "export": "write a checkpoint's student as a plain Hugging Face model (--ckpt_path, --out)",
     "rank": "suggest a student width for a token budget (--teacher, --num_tokens)",
     "env": "versions, CPU/GPU capabilities and lrkd's supported ranges, for bug reports",
@@ -505,6 +561,8 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
         return _export_main(argv[1:])
     if isinstance(argv, list) and argv and argv[0] == "prepare":
         return _prepare_main(argv[1:])
+    if isinstance(argv, list) and argv and argv[0] == "cache-teacher":
+        return _cache_teacher_main(argv[1:])
     if isinstance(argv, list) and argv and argv[0] == "rank":
         return _rank_main(argv[1:])
     if isinstance(argv, list):
@@ -541,12 +599,20 @@ def _as_list(value: Any) -> list[Any]:
 
 def console_main() -> None:
     """The ``lrkd`` console script (exit status 0 on success, 2 for a bad setting, 143 after
-    a SIGTERM stop that saved a checkpoint)."""
+    a SIGTERM stop that saved a checkpoint). A bad argument that lrkd's own code refuses (in
+    ``prepare``, ``cache-teacher``, ``export``, or at the first step of ``fit``) ends with its
+    message as the one last line; ``LRKD_TRACEBACK=1`` shows the traceback."""
     try:
         main()
     except Preempted:
         close_process_group()  # every rank stopped at the same step, after the same save
         raise
+    except (ValueError, OSError) as err:
+        cause = setting_error(err)
+        if cause is None or os.environ.get("LRKD_TRACEBACK"):
+            raise
+        print(f"error: {' '.join(str(cause).split())}", file=sys.stderr)
+        raise SystemExit(2) from err
     close_process_group()
 
 

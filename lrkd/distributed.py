@@ -119,7 +119,8 @@ def shard_fsdp2(
         _shard_layers_and_root(student, mesh, mp_policy, reshard_after_forward, False)
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in teacher.parameters()):
+    weightless = next(teacher.parameters(), None) is None  # a cached teacher: nothing to shard
+    if not weightless and not any(isinstance(p, DTensor) for p in teacher.parameters()):
         # Frozen: the gathered dtype is the teacher's own. It has no backward, so every unit,
         # the root included, is freed right after its forward.
         _shard_layers_and_root(teacher, mesh, MixedPrecisionPolicy(), True, True)

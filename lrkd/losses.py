@@ -40,7 +40,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,7 @@ __all__ = [
     "DivergenceKind",
     "KDDivergence",
     "Reduction",
+    "TopKTeacher",
     "chunked_cross_entropy",
     "head_kd_losses",
     "kd_divergence",
@@ -74,7 +75,21 @@ REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 _AUTO_CHUNK_ELEMENTS_CPU = 2**20
 _AUTO_CHUNK_ELEMENTS_ACCELERATOR = 2**24
 
-RowFn = Callable[[Tensor, Tensor], Tensor]
+RowFn = Callable[..., Tensor]
+
+
+class TopKTeacher(NamedTuple):
+    """A sparse teacher distribution per position, as a teacher cache stores it.
+
+    Attributes:
+        ids: the top-k token ids ``[..., k]``.
+        logprobs: their log-probabilities ``[..., k]``.
+        tail_logprob: the log of the mass outside them ``[...]``.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logprob: Tensor
 
 
 def kd_divergence(
@@ -718,9 +733,10 @@ class _ChunkedRowLoss(torch.autograd.Function):
 
     Inputs: ``student`` logits ``[..., V]``, ``other`` (teacher logits ``[..., V]`` or integer
     targets ``[..., 1]``), a bool ``keep`` mask over the ``N`` flattened rows, the row function,
-    the compute dtype, the rows per chunk, and ``extra`` row-aligned tensors that the row function
-    also reads and that take no gradient (a cached teacher's token ids and tail). Output: ``[N]`` values in the compute dtype, zero
-    where ``keep`` is false. Gradients come back contiguous, in each input's dtype.
+    the compute dtype, the rows per chunk, and ``extra`` row-aligned tensors that the row
+    function also reads and that take no gradient (a cached teacher's token ids and tail).
+    Output: ``[N]`` values in the compute dtype, zero where ``keep`` is false. Gradients come
+    back contiguous, in each input's dtype.
 
     Every row's value depends on that row's logits only, so when an input needs a gradient the
     forward pass also takes ``d value_i / d logits_i`` of each chunk (one autograd pass over the

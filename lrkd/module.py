@@ -19,11 +19,19 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lrkd._compat import attached_trainer, instantiated_by_cli
-from lrkd.assembly import build_student, check_pair, enable_activation_checkpointing, token_setting
+from lrkd.assembly import (
+    build_student,
+    cached_teacher,
+    check_pair,
+    enable_activation_checkpointing,
+    token_setting,
+)
+from lrkd.data.teacher_cache import BATCH_KEYS
 from lrkd.data.tokens import teacher_view
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.generation.on_policy import OnPolicy, OnPolicySampler, response_stats
-from lrkd.models.paired_forward import run_pair, supports_hidden_path
+from lrkd.losses import TopKTeacher
+from lrkd.models.paired_forward import PairedOutput, run_pair, supports_hidden_path
 from lrkd.models.protocols import CoRunStudent, GradFlushing
 from lrkd.models.students import StudentBuilder, model_logits
 from lrkd.models.teachers import check_teacher_dtype, exclude_from_state_dict, frozen_teacher
@@ -57,10 +65,15 @@ class DistillationModule(LightningModule):
 
     The teacher's weights are not stored in checkpoints (they are reloaded from ``teacher``).
 
+    With ``teacher_cache`` the teacher never runs, nor is loaded: its top-k next-token
+    distribution comes with each batch from a teacher cache (``lrkd cache-teacher``), and the
+    divergence is taken against it plus a tail bucket (:func:`lrkd.losses.top_k_kd_divergence`).
+
     Args:
         teacher: the frozen teacher: a built-in name (``smollm2-135m-instruct``), a local
             Hugging Face model directory, a hub id, or any causal LM ``nn.Module`` by
-            ``class_path``.
+            ``class_path``. With ``teacher_cache``: leave it out, or give the cache's teacher
+            by name (checked).
         student: the trainable student: any causal LM ``nn.Module`` by ``class_path``, or a
             ``StudentBuilder`` (e.g. ``lrkd.models.students.FromTeacherConfig``) that is called
             with the teacher.
@@ -75,6 +88,11 @@ class DistillationModule(LightningModule):
             or ``auto``: bfloat16 where the hardware runs it fast (a GPU that supports it, or a
             CPU whose bf16 matmul measured clearly faster than fp32: :mod:`lrkd.hardware`),
             else float32; a teacher given as a module keeps its dtype.
+        teacher_cache: a teacher cache directory (``lrkd cache-teacher``) to take the teacher's
+            distribution from instead of running it; ``lrkd fit`` reads the data from it too
+            (``data.prepared``). It must have been made at ``loss.temperature``; the student
+            must not need the teacher's weights (not a Low-Rank Clone) and training must be
+            off-policy (``on_policy.fraction: 0``). See docs/data.md, "Teacher cache".
         activation_checkpointing: recompute each student decoder layer (for a low-rank clone,
             each (teacher layer, student layer) pair) in backward instead of storing its
             activations: less memory for about one more forward of compute.
@@ -90,11 +108,12 @@ class DistillationModule(LightningModule):
 
     def __init__(
         self,
-        teacher: str | nn.Module,
-        student: nn.Module | StudentBuilder,
+        teacher: str | nn.Module | None = None,
+        student: nn.Module | StudentBuilder | None = None,
         loss: Loss = Loss(),
         on_policy: OnPolicy = OnPolicy(),
         teacher_dtype: str = "auto",
+        teacher_cache: str | None = None,
         activation_checkpointing: bool = False,
         fused_head: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -114,7 +133,7 @@ class DistillationModule(LightningModule):
         # Built in Python, the objects themselves are not worth saving.
         objects = [] if instantiated_by_cli() else ["student", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(
-            ignore=objects + ([] if isinstance(teacher, str) else ["teacher"])
+            ignore=objects + ([] if teacher is None or isinstance(teacher, str) else ["teacher"])
         )
         for block in ("loss", "on_policy"):  # plain values: loadable with weights_only=True
             if is_dataclass(self.hparams.get(block)):
@@ -123,7 +142,29 @@ class DistillationModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
-        self.teacher, self.tokenizer = frozen_teacher(teacher, teacher_dtype)
+        if student is None:
+            raise ValueError("model.student is not set: give a student by class_path or a "
+                             "builder such as lrkd.models.students.FromTeacherConfig.")  # fmt: skip
+        self.teacher_cache = teacher_cache
+        if teacher_cache is not None:
+            self.teacher, self.tokenizer, info = cached_teacher(
+                teacher, teacher_cache, loss.temperature
+            )
+            self.objective.fixed_temperature = (info.temperature, "model.teacher_cache")
+            self.on_policy.refuse(
+                "model.teacher_cache holds no teacher to score the student's own completions; "
+                "set model.on_policy.fraction: 0 (and no on-policy stage), or distil online"
+            )
+            if fused_head:
+                raise ValueError("model.fused_head=true needs the teacher's hidden states; with "
+                                 "model.teacher_cache set fused_head: null or false.")  # fmt: skip
+        elif teacher is None:
+            raise ValueError(
+                "model.teacher is not set: give the teacher (a built-in name such as "
+                "smollm2-135m-instruct, a model directory or a hub id), or model.teacher_cache."
+            )
+        else:
+            self.teacher, self.tokenizer = frozen_teacher(teacher, teacher_dtype)
         # The frozen teacher's weights are reloaded from ``teacher``, never saved: its keys are
         # left out of this module's state_dict (so of every checkpoint, full or sharded) and
         # not expected when loading one.
@@ -158,7 +199,7 @@ class DistillationModule(LightningModule):
     def uses_fused_head(self) -> bool:
         """Whether this step takes the divergence and CE from hidden states and heads
         (``fused_head``): training steps only; ``None`` means on a CUDA device when supported."""
-        if not self.training or self.fused_head is False:
+        if not self.training or self.fused_head is False or self.teacher_cache is not None:
             return False
         supported = supports_hidden_path(self.teacher, self.student) and (
             isinstance(self.student, CoRunStudent) or not is_sharded(self.student)
@@ -174,6 +215,8 @@ class DistillationModule(LightningModule):
     def distillation_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss and its terms for one batch (:class:`lrkd.objective.DistillationObjective`):
         ``loss``, ``kd``, ``ce``, clone terms, and in eval mode ``ce_teacher``."""
+        if self.teacher_cache is not None:
+            return self._cached_loss(batch)
         view = teacher_view(batch)
         teacher_inputs = None if view is None else (view["input_ids"], view.get("attention_mask"))
         out = run_pair(
@@ -183,6 +226,20 @@ class DistillationModule(LightningModule):
         return self.objective(
             out, Targets.of(batch), batch.get("weight"), teacher_reference=not self.training
         )
+
+    def _cached_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms against the teacher cache's distribution that the batch carries."""
+        missing = [key for key in BATCH_KEYS if key not in batch]
+        if missing:
+            raise ValueError(
+                f"model.teacher_cache is set, but the batch has no {', '.join(missing)}: the "
+                f"data must come from the cache: data.prepared: {self.teacher_cache} (lrkd fit "
+                "sets it when data.prepared and data.train_files are left out)"
+            )
+        student_logits = model_logits(self.student, batch["input_ids"], batch.get("attention_mask"))
+        top_k = TopKTeacher(*(batch[key] for key in BATCH_KEYS))
+        out = PairedOutput(student_logits=student_logits, teacher_top_k=top_k)
+        return self.objective(out, Targets.of(batch), batch.get("weight"))
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         on_step = stage == "train"

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from lrkd.data.tokens import teacher_view
-from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, chunked_cross_entropy, head_kd_losses
+from lrkd.losses import (
+    DIVERGENCE_KINDS,
+    KDDivergence,
+    TopKTeacher,
+    chunked_cross_entropy,
+    head_kd_losses,
+)
 from lrkd.models.paired_forward import PairedOutput
 from lrkd.models.students import output_vocab_size
 
@@ -238,10 +244,26 @@ class DistillationObjective(nn.Module):
         self.ce_weight = loss.ce_weight
         self.clone_weight = loss.clone_weight
         self.shared_vocab = shared_vocab
+        #: The only temperature allowed (a teacher cache's), with the reason; ``None``: any.
+        self.fixed_temperature: tuple[float, str] | None = None
+
+    def check_temperature(self, temperature: float | None) -> None:
+        """Refuse a divergence temperature other than :attr:`fixed_temperature` (``None``
+        stands for the configured one).
+
+        Raises:
+            ValueError: naming both temperatures and why only one is allowed.
+        """
+        temperature = self.default_temperature if temperature is None else temperature
+        if self.fixed_temperature is not None and temperature != self.fixed_temperature[0]:
+            fixed, why = self.fixed_temperature
+            raise ValueError(f"divergence temperature {temperature}: {why} holds log-probabilities "
+                             f"at temperature {fixed} only")  # fmt: skip
 
     def set_divergence(self, kind: str, temperature: float | None = None) -> None:
         """Use divergence ``kind`` from the next batch on, at ``temperature`` (``None``: the
         configured ``temperature``); the other divergence settings are kept."""
+        self.check_temperature(temperature)
         old = self.divergence
         self.divergence = KDDivergence(
             kind,  # type: ignore[arg-type]
@@ -290,6 +312,8 @@ class DistillationObjective(nn.Module):
                 kd_tokens = _scatter(kd_sel, t.rows, t.mask)
                 ce_tokens = _scatter(ce_sel, t.rows, t.mask)
             return kd_tokens, ce_tokens.sum() / t.mask.sum().clamp_min(1), None
+        if out.teacher_top_k is not None:
+            return self._top_k_losses(out.student_logits, out.teacher_top_k, t)
         student_logits, teacher_logits = self.vocab_aligned(out.student_logits, out.teacher_logits)
         if t.rows is None:
             kd_tokens = d(student_logits, teacher_logits, t.mask)
@@ -303,6 +327,24 @@ class DistillationObjective(nn.Module):
             ce_logits, t.targets, t.mask, chunk_size=d.chunk_size, reduction="mean"
         )
         return kd_tokens, ce, teacher_logits
+
+    def _top_k_losses(
+        self, student_logits: torch.Tensor, top: TopKTeacher, t: Targets
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Per-token divergence against a cached teacher's top-k and the mean CE."""
+        if t.rows is not None:
+            raise ValueError(
+                "A teacher cache holds the teacher's distribution on the student's own tokens; "
+                "a teacher prompt of its own (teacher_input_ids) cannot be used with it."
+            )
+        if self.shared_vocab is not None:
+            student_logits = student_logits[..., : self.shared_vocab]
+        kd_tokens = self.divergence.top_k(student_logits, *top, t.mask)
+        ce_logits = student_logits if self.ce_weight else student_logits.detach()
+        ce = chunked_cross_entropy(
+            ce_logits, t.targets, t.mask, chunk_size=self.divergence.chunk_size, reduction="mean"
+        )
+        return kd_tokens, ce, None
 
     def forward(
         self,

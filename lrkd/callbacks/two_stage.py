@@ -140,6 +140,12 @@ class TwoStageKL(Callback):
                 "TwoStageKL drives a module with an objective and an on_policy sampler (e.g. "
                 f"lrkd.module.DistillationModule), not {type(pl_module).__name__}."
             )
+        try:  # refused now rather than at the switch (e.g. by a teacher cache)
+            for fraction in self.on_policy_fraction.values():
+                pl_module.on_policy.check_fraction(fraction)
+            pl_module.objective.check_temperature(self.second_temperature)
+        except ValueError as err:
+            raise ValueError(f"TwoStageKL: {err}") from err
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.switch_step is None:

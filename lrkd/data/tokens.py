@@ -72,7 +72,8 @@ def pad_collate(
     examples: list[dict[str, torch.Tensor]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
     """Right-pad examples of different lengths into a batch (pad positions are masked out).
-    Each sequence key is padded to its own longest (a teacher's view may be longer)."""
+    Each sequence key ([L], or [L, ...]) is padded to its own longest (a teacher's view may be
+    longer)."""
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
         if examples[0][key].dim() == 0:
@@ -80,7 +81,8 @@ def pad_collate(
             continue
         length = max(e[key].shape[0] for e in examples)
         fill = pad_token_id if key.endswith("input_ids") else 0
-        out = torch.full((len(examples), length), fill, dtype=examples[0][key].dtype)
+        rest = examples[0][key].shape[1:]  # e.g. a teacher cache's top-k [L, k]
+        out = torch.full((len(examples), length, *rest), fill, dtype=examples[0][key].dtype)
         for i, e in enumerate(examples):
             out[i, : e[key].shape[0]] = e[key]
         batch[key] = out

@@ -150,6 +150,7 @@ class OnPolicySampler:
                        "model.on_policy.")  # fmt: skip
         self.fraction = settings.fraction
         self.ever_enabled = settings.fraction > 0
+        self.refused: str | None = None
         self.max_new_tokens = settings.max_new_tokens
         self.temperature = settings.temperature
         self.top_p = settings.top_p
@@ -169,9 +170,20 @@ class OnPolicySampler:
         if pad_token_id is not None:
             self._pad = int(pad_token_id)
 
+    def refuse(self, reason: str) -> None:
+        """Refuse on-policy steps from now on (e.g. no teacher to score them), for ``reason``."""
+        self.refused = reason
+        self.check_fraction(self.fraction)
+
+    def check_fraction(self, fraction: float) -> None:
+        """Raise unless ``fraction`` is a share in [0, 1] that this sampler may take."""
+        check_on_policy_fraction(fraction)
+        if fraction > 0 and self.refused is not None:
+            raise ValueError(f"an on-policy fraction of {fraction}: {self.refused}")
+
     def set_fraction(self, fraction: float) -> None:
         """Set the share of on-policy training batches from the next batch on."""
-        check_on_policy_fraction(fraction)
+        self.check_fraction(fraction)
         self.fraction = fraction
         self.ever_enabled |= fraction > 0
 

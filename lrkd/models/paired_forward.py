@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lrkd.losses import TopKTeacher
 from lrkd.models.protocols import CoRunStudent
 from lrkd.models.students import model_logits
 
@@ -36,6 +37,8 @@ class PairedOutput:
         hidden, head, teacher_hidden, teacher_head: on the hidden-state path, the final normed
             hidden states [B, L, d] and LM head weights [V, d] of both models.
         clone_losses: per clone term, from a co-run student (empty otherwise).
+        teacher_top_k: a cached teacher's top-k distribution [B, L, k] (then
+            ``teacher_logits`` is ``None``: the teacher did not run).
     """
 
     student_logits: torch.Tensor | None = None
@@ -45,6 +48,7 @@ class PairedOutput:
     teacher_hidden: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
     clone_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_top_k: TopKTeacher | None = None
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

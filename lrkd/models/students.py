@@ -35,7 +35,14 @@ class StudentBuilder:
     tokenised with the teacher's tokenizer (lrkd's ``data.probe.probe_batch``). A builder
     that requests nothing (the default) is called as ``builder(teacher)``, so a
     ``__call__(self, teacher)`` is all it needs.
+
+    A builder that reads the teacher's weights (not only its config) sets
+    :attr:`uses_teacher_weights`, so that a run from a teacher cache, which never loads them,
+    refuses it by name.
     """
+
+    #: Whether the builder reads the teacher's weights or runs it (not only its ``config``).
+    uses_teacher_weights: bool = False
 
     def probe_request(self) -> tuple[list[str] | None, int] | None:
         """The probe batch this builder needs, if any.
@@ -186,6 +193,8 @@ class TeacherCopy(StudentBuilder):
     The teacher is copied after it is loaded, so with ``teacher_dtype: bfloat16`` the student
     starts from the bf16-rounded weights.
     """
+
+    uses_teacher_weights = True
 
     def __call__(self, teacher: nn.Module) -> nn.Module:
         """Return the copy (fp32, train mode, every parameter trainable)."""

@@ -110,6 +110,39 @@ def load_tokenizer(name_or_path: str, field: str = "tokenizer") -> Any:
     return tokenizer
 
 
+class CachedTeacher(nn.Module):
+    """Stands in for a teacher whose distribution comes from a teacher cache: its Hugging Face
+    config (read from the cache's ``teacher/`` directory), no weights, and no forward.
+
+    Students built from the teacher's config (``FromTeacherConfig``) and the vocabulary checks
+    read :attr:`config`; anything that would run the teacher gets an error naming the cache.
+
+    Args:
+        directory: the cache's ``teacher/`` directory (``config.json``, tokenizer files).
+        name: the teacher the cache was made by, for messages.
+    """
+
+    def __init__(self, directory: str | Path, name: str) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        super().__init__()
+        self.directory = Path(directory)
+        self.name = name
+        self.name_or_path = str(self.directory)
+        self.config = AutoConfig.from_pretrained(self.directory)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(self.directory)
+        except OSError:  # the teacher had none
+            self.generation_config = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse: the teacher's weights were never loaded."""
+        raise RuntimeError(
+            f"the teacher ({self.name}) is not loaded: its distribution comes from the teacher "
+            f"cache at {self.directory.parent}; something tried to run it"
+        )
+
+
 TEACHER_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }  # fmt: skip

@@ -150,7 +150,9 @@ def test_top_level_help_lists_every_subcommand(capsys) -> None:
 
     assert main(["--help"]) is None
     out = capsys.readouterr().out
-    for name in ("fit", "validate", "test", "predict", "prepare", "export", "rank", "env"):
+    names = ("fit", "validate", "test", "predict", "prepare", "cache-teacher", "export", "rank",
+             "env")  # fmt: skip
+    for name in names:
         assert f"\n  {name} " in out, name
     assert set(SUBCOMMANDS) == {
         "fit",
@@ -158,6 +160,7 @@ def test_top_level_help_lists_every_subcommand(capsys) -> None:
         "test",
         "predict",
         "prepare",
+        "cache-teacher",
         "export",
         "rank",
         "env",

@@ -39,6 +39,8 @@ class LowRankCloneBuilder(StudentBuilder):
         seed: seed of the ``normal`` init.
     """
 
+    uses_teacher_weights = True
+
     def __init__(
         self,
         hidden_size: int,
