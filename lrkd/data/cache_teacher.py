@@ -309,6 +309,7 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
     weights of a teacher given by name (a hub model's are downloaded, to fingerprint them)."""
     from lrkd.hardware import auto_teacher_dtype
     from lrkd.models.teachers import TEACHER_DTYPES, load_tokenizer, resolve_model_path
+    from lrkd.models.zoo import is_builtin
 
     if isinstance(teacher, nn.Module):
         if tokenizer is None:
@@ -341,7 +342,10 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
     else:
         module = None
     fingerprint = teacher_fingerprint(found) if found else teacher_fingerprint(config)
-    return _Teacher(name=teacher_name or teacher, tokenizer=tokenizer, dtype=dtype,
+    # A local directory is recorded absolute: the manifest is read from other directories.
+    local = Path(source) if Path(source).is_dir() and not is_builtin(teacher) else None
+    name = teacher_name or (str(local.resolve()) if local else teacher)
+    return _Teacher(name=name, tokenizer=tokenizer, dtype=dtype,
                     fingerprint=fingerprint, config=config,
                     vocab_size=int(_config_vocab(config) or 0), source=source,
                     module=module)  # fmt: skip

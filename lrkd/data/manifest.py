@@ -154,6 +154,21 @@ def reprepare_command(out: Path, **changes: Any) -> str:
     return shlex.join(args)
 
 
+def remake_advice(path: Path, manifest: dict[str, Any], **changes: Any) -> str:
+    """How to make the data at ``path`` again with ``changes``: ``lrkd prepare --like``; for a
+    teacher cache, that on the prepared data it was made from, then ``lrkd cache-teacher``."""
+    cache = manifest.get("teacher_cache")
+    if cache is None:
+        return f"re-prepare: {reprepare_command(path, **changes)}"
+    source = Path(cache["prepared"]["path"])
+    again = shlex.join(["lrkd", "cache-teacher", "--prepared", str(source), "--teacher",
+                        cache["teacher"], "--top_k", str(cache["top_k"]), "--temperature",
+                        str(cache["temperature"]), "--out", "NEW_CACHE"])  # fmt: skip
+    source_again = reprepare_command(source, **changes)
+    return (f"it is a teacher cache: re-prepare its source ({source_again}) and cache the "
+            f"teacher again ({again})")  # fmt: skip
+
+
 def check_manifest(
     manifest: dict[str, Any], path: Path, tokenizer: Any, tokenizer_name: str | None,
     settings: PrepareSettings,
@@ -172,21 +187,21 @@ def check_manifest(
     if made["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(
             f"data.prepared was tokenised with {made['name']!r}, not with the teacher's "
-            f"tokenizer; re-prepare: {reprepare_command(path, tokenizer=name)}"
+            f"tokenizer; {remake_advice(path, manifest, tokenizer=name)}"
         )
     made_length = manifest["settings"]["seq_length"]
     if made_length != settings.seq_length:
         raise ValueError(
             f"data.seq_length={settings.seq_length}, but data.prepared has seq_length="
-            f"{made_length}; set data.seq_length: {made_length}, or re-prepare: "
-            f"{reprepare_command(path, seq_length=settings.seq_length)}"
+            f"{made_length}; set data.seq_length: {made_length}, or "
+            f"{remake_advice(path, manifest, seq_length=settings.seq_length)}"
         )
     made_template = manifest["settings"]["chat_template"]
     if manifest["kind"] == "prompt_response" and made_template != settings.chat_template:
         raise ValueError(
             f"data.chat_template={settings.chat_template}, but data.prepared has "
             f"chat_template={made_template}; set data.chat_template: {made_template}, or "
-            f"re-prepare: {reprepare_command(path, chat_template=settings.chat_template)}"
+            f"{remake_advice(path, manifest, chat_template=settings.chat_template)}"
         )
     for entries in manifest["sources"].values():
         for entry in entries:
@@ -194,7 +209,7 @@ def check_manifest(
             if changed:
                 raise ValueError(
                     f"data.prepared: source {entry['path']} {changed} since it was prepared; "
-                    f"re-prepare: {reprepare_command(path)}"
+                    f"{remake_advice(path, manifest)}"
                 )
 
 
