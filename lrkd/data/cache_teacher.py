@@ -697,7 +697,10 @@ def cache_teacher(
 
     from datasets import load_from_disk
 
-    data = {split: load_from_disk(str(prepared / split)) for split in manifest["splits"]}
+    # A split with no examples (too little validation text for one block) is saved without
+    # Arrow files, which load_from_disk cannot open; the cache leaves it out, as training does.
+    data = {split: load_from_disk(str(prepared / split))
+            for split, stats in manifest["splits"].items() if stats["examples"]}  # fmt: skip
     pieces = _plan({split: len(ds) for split, ds in data.items()}, examples_per_piece)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _open_staging(out, key, examples_per_piece)
