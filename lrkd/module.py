@@ -26,7 +26,7 @@ from lrkd.assembly import (
     enable_activation_checkpointing,
     token_setting,
 )
-from lrkd.data.teacher_cache import BATCH_KEYS
+from lrkd.data.teacher_cache import COLUMNS
 from lrkd.data.tokens import teacher_view
 from lrkd.distributed import is_sharded, local_numel, mixed_precision_policy, shard_fsdp2
 from lrkd.generation.on_policy import OnPolicy, OnPolicySampler, response_stats
@@ -229,7 +229,7 @@ class DistillationModule(LightningModule):
 
     def _cached_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms against the teacher cache's distribution that the batch carries."""
-        missing = [key for key in BATCH_KEYS if key not in batch]
+        missing = [key for key in COLUMNS if key not in batch]
         if missing:
             raise ValueError(
                 f"model.teacher_cache is set, but the batch has no {', '.join(missing)}: the "
@@ -237,7 +237,7 @@ class DistillationModule(LightningModule):
                 "sets it when data.prepared and data.train_files are left out)"
             )
         student_logits = model_logits(self.student, batch["input_ids"], batch.get("attention_mask"))
-        top_k = TopKTeacher(*(batch[key] for key in BATCH_KEYS))
+        top_k = TopKTeacher(*(batch[key] for key in COLUMNS))
         out = PairedOutput(student_logits=student_logits, teacher_top_k=top_k)
         return self.objective(out, Targets.of(batch), batch.get("weight"))
 

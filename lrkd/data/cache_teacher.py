@@ -43,19 +43,22 @@ from lrkd.data.checks import check_at_least, check_choice
 from lrkd.data.manifest import MANIFEST, read_manifest, tokenizer_fingerprint, write_manifest
 from lrkd.data.prepare import _move_into_place
 from lrkd.data.teacher_cache import (
+    COLUMNS,
     LOGPROB_DTYPES,
     TEACHER_DIR,
     TeacherCacheInfo,
     target_positions,
 )
 from lrkd.data.tokens import pad_collate
+from lrkd.hardware import auto_teacher_dtype
 from lrkd.models.paired_forward import final_hidden, final_norm
-from lrkd.models.students import model_logits
+from lrkd.models.students import model_logits, output_vocab_size
+from lrkd.models.teachers import TEACHER_DTYPES, load_teacher, load_tokenizer, resolve_model_path
+from lrkd.models.zoo import is_builtin
 
 log = logging.getLogger("lrkd")
 
 __all__ = [
-    "CACHE_COLUMNS",
     "cache_key",
     "cache_teacher",
     "cache_teacher_command",
@@ -63,8 +66,6 @@ __all__ = [
     "top_k_logprobs",
 ]
 
-#: The columns a teacher cache adds to the prepared ones.
-CACHE_COLUMNS: tuple[str, ...] = ("topk_ids", "topk_logprobs", "tail_logprob")
 #: The layout version of the pieces and of the cache key; a change starts staging afresh.
 CACHE_FORMAT = 1
 #: Logits computed at once on the way to the top-k (rows x vocabulary; 128 MiB of float32).
@@ -191,7 +192,7 @@ def _compute_piece(model: nn.Module, table: Any, settings: _Settings, device: to
         raise RuntimeError(f"the teacher produced {vocab} logits per position, its head or "
                            f"config says {settings.vocab_size}")  # fmt: skip
     columns = _cache_columns(results, settings)
-    for name in CACHE_COLUMNS:
+    for name in COLUMNS:
         table = table.append_column(name, columns[name])
     stats = {"examples": len(spans), "target_tokens": int(sum(len(s) for s in spans)),
              "vocab_size": settings.vocab_size}  # fmt: skip
@@ -219,13 +220,13 @@ def _cache_columns(results: list[tuple[np.ndarray, np.ndarray, np.ndarray] | Non
     k = settings.top_k
     types = (np.dtype(_id_type(settings.vocab_size)), np.dtype(settings.logprob_dtype),
              np.dtype(settings.logprob_dtype))  # fmt: skip
-    chunks: dict[str, list[Any]] = {name: [] for name in CACHE_COLUMNS}
+    chunks: dict[str, list[Any]] = {name: [] for name in COLUMNS}
     for first in range(0, max(len(results), 1), ARROW_CHUNK):
         part = results[first : first + ARROW_CHUNK]
         present = [r for r in part if r is not None]
         counts = [0 if r is None else len(r[2]) for r in part]
         targets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        for column, (name, dtype) in enumerate(zip(CACHE_COLUMNS, types, strict=True)):
+        for column, (name, dtype) in enumerate(zip(COLUMNS, types, strict=True)):
             values = (np.concatenate([r[column].reshape(-1) for r in present]) if present
                       else np.zeros(0))  # fmt: skip
             width = 1 if name == "tail_logprob" else k
@@ -280,22 +281,15 @@ class _Teacher:
     def model(self, device: torch.device) -> nn.Module:
         """The model on ``device`` in eval mode (loaded the first time)."""
         if self.module is None:
-            self.module = _load(self.source, self.dtype)
+            self.module = load_teacher(self.source, dtype=self.dtype, field="--teacher")
         self.module.eval().to(device)
-        self.vocab_size = _head_rows(self.module) or self.vocab_size
+        self.vocab_size = output_vocab_size(self.module) or self.vocab_size
         if not self.vocab_size:
             raise ValueError(
                 f"--teacher {self.name}: its vocabulary size is unknown (no output "
                 "embedding, no config.vocab_size); give a Hugging Face causal LM"
             )
         return self.module
-
-
-def _head_rows(model: nn.Module) -> int | None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
 def _config_vocab(config: Any) -> int | None:
@@ -307,9 +301,6 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
                      teacher_name: str | None) -> _Teacher:  # fmt: skip
     """The teacher's name, tokenizer, dtype, fingerprint and config, without loading the
     weights of a teacher given by name (a hub model's are downloaded, to fingerprint them)."""
-    from lrkd.hardware import auto_teacher_dtype
-    from lrkd.models.teachers import TEACHER_DTYPES, load_tokenizer, resolve_model_path
-    from lrkd.models.zoo import is_builtin
 
     if isinstance(teacher, nn.Module):
         if tokenizer is None:
@@ -319,7 +310,7 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
             teacher = teacher.to(TEACHER_DTYPES[teacher_dtype])
         dtype = next(teacher.parameters()).dtype
         config = getattr(teacher, "config", None)
-        vocab = _head_rows(teacher) or (config is not None and _config_vocab(config)) or 0
+        vocab = output_vocab_size(teacher) or 0
         if not vocab:
             raise ValueError("--teacher: the module has neither an output embedding "
                              "(get_output_embeddings) nor a config.vocab_size; give a Hugging "
@@ -337,7 +328,7 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
     config = AutoConfig.from_pretrained(source)
     found = _teacher_directory(source)
     if found is None:  # a hub model not downloaded yet: load it once so that it is
-        module = _load(source, dtype)
+        module = load_teacher(source, dtype=dtype, field="--teacher")
         found = _teacher_directory(source)
     else:
         module = None
@@ -349,12 +340,6 @@ def _resolve_teacher(teacher: str | nn.Module, tokenizer: Any, teacher_dtype: st
                     fingerprint=fingerprint, config=config,
                     vocab_size=int(_config_vocab(config) or 0), source=source,
                     module=module)  # fmt: skip
-
-
-def _load(source: str, dtype: torch.dtype) -> nn.Module:
-    from lrkd.models.teachers import load_teacher
-
-    return load_teacher(source, dtype=dtype, field="--teacher")
 
 
 def _teacher_directory(source: str) -> Path | None:
@@ -549,7 +534,6 @@ def _save_piece(table: Any, features: Any, stats: dict[str, Any], pieces_dir: Pa
 
 def _check_arguments(top_k: int, temperature: float, teacher_dtype: str, logprob_dtype: str,
                      batch_size: int, examples_per_piece: int) -> None:  # fmt: skip
-    from lrkd.models.teachers import TEACHER_DTYPES
 
     check_at_least("--top_k", top_k, 1)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
@@ -814,7 +798,7 @@ def _assemble(staging: Path, out: Path, prepared: Path, manifest: dict[str, Any]
     column_bytes = 0
     for split in data:
         table = load_from_disk(str(assembly / split)).data
-        column_bytes += sum(table.column(name).nbytes for name in CACHE_COLUMNS)
+        column_bytes += sum(table.column(name).nbytes for name in COLUMNS)
     seconds = sum(info.get("seconds", 0.0) for info in infos.values())
     seconds += time.perf_counter() - began
     info = TeacherCacheInfo(

@@ -26,7 +26,7 @@ temperature, k, the storage types, the bytes per target token and the build time
 Training reads a cache like any prepared directory (``data.prepared``; ``lrkd fit`` sets it from
 ``model.teacher_cache``), and :class:`lrkd.data.prepared.PreparedExamples` expands the columns to
 ``topk_ids`` / ``topk_logprobs`` [L, k] and ``tail_logprob`` [L] per example (the batch keys of
-:data:`BATCH_KEYS`), filled at non-target positions with a harmless uniform distribution.
+:data:`COLUMNS`), filled at non-target positions with a harmless uniform distribution.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from lrkd.data.manifest import MANIFEST, read_manifest
 
 __all__ = [
-    "BATCH_KEYS",
+    "COLUMNS",
     "LOGPROB_DTYPES",
     "TEACHER_DIR",
     "TeacherCacheInfo",
@@ -52,8 +52,9 @@ __all__ = [
     "teacher_config",
 ]
 
-#: The batch keys a teacher cache adds: ids and log-probs [B, L, k], tail log-prob [B, L].
-BATCH_KEYS: tuple[str, ...] = ("topk_ids", "topk_logprobs", "tail_logprob")
+#: The columns a teacher cache adds to the prepared ones, and the batch keys they become: ids and
+#: log-probs ([n_targets * k] stored, [B, L, k] in a batch), tail log-prob ([n_targets], [B, L]).
+COLUMNS: tuple[str, ...] = ("topk_ids", "topk_logprobs", "tail_logprob")
 #: Storage types of the log-probabilities (Arrow has no bfloat16).
 LOGPROB_DTYPES: tuple[str, ...] = ("float16", "float32")
 #: The subdirectory holding the teacher's config and tokenizer (never its weights).
