@@ -204,8 +204,9 @@ def trl_steps(teacher_dir: str, precision: str, batches: list[dict[str, Any]]) -
 
 
 def lrkd_run(
-    teacher_dir: str, precision: str, batches: list[dict[str, Any]], warmup: int
-) -> tuple[float, list[float], str]:
+    teacher_dir: str, precision: str, batches: list[dict[str, Any]], warmup: int,
+    teacher_dtype: str = "auto",
+) -> tuple[float, list[float], str]:  # fmt: skip
     """lrkd's step in a Lightning Trainer; returns (timed seconds, every step's loss, teacher
     dtype)."""
     import lightning as L
@@ -221,6 +222,7 @@ def lrkd_run(
         student=FromTeacherConfig(hidden_size=STUDENT_HIDDEN, seed=0),
         loss=Loss(divergence="forward_kl", kd_weight=1.0, ce_weight=0.0),
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+        teacher_dtype=teacher_dtype,
     )
     times: dict[str, float] = {}
     losses: list[float] = []
@@ -307,7 +309,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     vocab = AutoConfig.from_pretrained(args.teacher_dir).vocab_size
     batches = make_batches(vocab, args.batch, args.seq, args.warmup + args.steps)
     if kind == "lrkd":
-        elapsed, losses, teacher_dtype = lrkd_run(args.teacher_dir, precision, batches, args.warmup)
+        # A precision given for lrkd sets its teacher's dtype too (as for trl and bare); at its
+        # default both follow the probe.
+        chosen = "auto" if args.lrkd_precision == "auto" else ("bfloat16" if precision.startswith(
+            "bf16") else "float32")  # fmt: skip
+        elapsed, losses, teacher_dtype = lrkd_run(args.teacher_dir, precision, batches,
+                                                  args.warmup, chosen)  # fmt: skip
     else:
         build = trl_steps if kind == "trl" else bare_steps
         run = build(args.teacher_dir, precision, batches)
