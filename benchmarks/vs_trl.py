@@ -21,7 +21,7 @@ and converted once into ``~/.cache/lrkd``) and a random student of its architect
 gradient-norm clip 1.0. ``trl`` and ``bare`` run at ``--precision`` (default: what lrkd's
 probe picks on this machine, i.e. each tool at this machine's best; ``bf16-mixed`` means
 autocast around the forward and a bf16 teacher), ``lrkd`` at its own default unless
-``--lrkd-precision`` is given.
+``--lrkd-precision`` is given (which then sets its teacher's dtype too).
 
 Reported per kind: tokens/s (the best round: another process on the machine can only slow a
 round down; every round's value is shown too), ms/step, peak RSS of the whole process (the
