@@ -33,7 +33,7 @@ from lrkd.callbacks.preemption import Preempted, PreemptionCheckpoint
 from lrkd.checkpointing import AtomicCheckpointIO
 from lrkd.data.datamodule import DistillDataModule
 from lrkd.data.paced_settings import RENAMED as DATA_RENAMED
-from lrkd.data.teacher_cache import TEACHER_DIR
+from lrkd.data.teacher_cache import TEACHER_DIR, read_teacher_cache
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
@@ -299,29 +299,40 @@ def _export_main(argv: list[str]) -> Path:
 
 def wire_teacher_cache(cache: str, data: Any) -> None:
     """Point the data at ``model.teacher_cache``: ``data.prepared`` (when the config gives no
-    data source) and ``data.tokenizer`` (the cache's copy of the teacher's tokenizer).
+    data source, or the prepared data the cache was made from) and ``data.tokenizer`` (the
+    cache's copy of the teacher's tokenizer).
 
     Raises:
-        SystemExit: a DataModule that cannot read a cache, or other data than the cache's.
+        SystemExit: no teacher cache there, a DataModule that cannot read one, or other data
+            than the cache's.
     """
+    try:
+        info = read_teacher_cache(cache)
+    except (OSError, ValueError) as err:
+        _exit(str(err))
     init_args = data.get("init_args") if data is not None else None
     if init_args is None or "prepared" not in init_args:
         name = data.get("class_path") if data is not None else None
         _exit(f"model.teacher_cache needs prepared data read by lrkd.data.text.TextDataModule "
               f"(data.class_path), not {name}")  # fmt: skip
-    given = init_args.prepared
     if init_args.get("train_files") is not None or init_args.get("streaming"):
         _exit("model.teacher_cache: the data comes from the cache; leave data.train_files "
               "(and data.streaming) out")  # fmt: skip
-    if given is None:
-        init_args.prepared = cache
-    elif Path(given).expanduser().resolve() != Path(cache).expanduser().resolve():
-        _exit(
-            f"data.prepared={given!r} is not model.teacher_cache={cache!r}: the batches must "
-            "carry the cache's teacher log-probs; leave data.prepared out (lrkd fit sets it)"
-        )
+    given = init_args.prepared
+    source = (info.prepared or {}).get("path")
+    if given is not None and not _same_dir(given, cache):
+        if not (source and _same_dir(given, source)):
+            _exit(f"data.prepared={given!r} is neither model.teacher_cache={cache!r} nor the "
+                  "data it was made from: the batches must carry the cache's teacher log-probs; "
+                  "leave data.prepared out (lrkd fit sets it)")  # fmt: skip
+        log.info("lrkd: data.prepared %s -> %s (the teacher cache made from it)", given, cache)
+    init_args.prepared = cache
     if "tokenizer" in init_args and init_args.tokenizer is None:
         init_args.tokenizer = str(Path(cache).expanduser() / TEACHER_DIR)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _exit(message: str) -> NoReturn:

@@ -225,7 +225,8 @@ def other_teacher_dir(tmp_path: Path, **overrides) -> Path:
         ),
         ("lrc", "model.student: LowRankCloneBuilder reads the teacher's weights"),
         ("on_policy", "an on-policy fraction of 0.5: model.teacher_cache holds no teacher"),
-        ("prepared", "is not model.teacher_cache="),
+        ("prepared", "is neither model.teacher_cache="),
+        ("missing", "is not a teacher cache (no manifest.json"),
         ("fused_head", "model.fused_head=true needs the teacher's hidden states"),
     ],
 )
@@ -248,7 +249,9 @@ def test_a_mismatched_cache_is_refused_in_one_line(
     elif case == "on_policy":
         model = {"on_policy": {"fraction": 0.5}}
     elif case == "prepared":
-        data = {"prepared": str(workdir["prepared"])}
+        data = {"prepared": str(workdir["k8"] / "train")}
+    elif case == "missing":
+        model = {"teacher_cache": str(tmp_path / "nowhere")}
     elif case == "fused_head":
         model = {"fused_head": True}
     # The console script: some mismatches are found by the DataModule's setup, after the CLI
@@ -260,6 +263,14 @@ def test_a_mismatched_cache_is_refused_in_one_line(
     assert err.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message.format(other=other) in last, last
+
+
+def test_the_cache_replaces_the_prepared_data_it_was_made_from(workdir, tmp_path) -> None:
+    data = {"prepared": str(workdir["prepared"])}
+    cli = main(["fit", "--config", config(workdir, tmp_path, data=data),
+                "--trainer.max_steps", "1"])  # fmt: skip
+    assert Path(cli.datamodule.prepared) == workdir["k8"]
+    assert "topk_ids" in cli.datamodule.train_dataset[0]
 
 
 def test_an_on_policy_second_stage_is_refused_before_training(workdir, tmp_path) -> None:
