@@ -19,7 +19,7 @@ What runs where:
 
 - the parent prepares the data and builds the caches one after another (each build's seconds
   are the manifest's: teacher forwards, top-k, writing and assembling; the whole call,
-  teacher loading included, is reported too);
+  teacher loading included, and the cores the parent got meanwhile are reported too);
 - each training variant (``online``, then ``cache k=...``) runs in its own fresh interpreter
   (``workers.run_worker``): a ``lightning.Trainer`` fitting a ``DistillationModule`` on a
   ``TextDataModule``, as ``lrkd fit`` does. A callback times every step: ``step ms`` is the
@@ -354,7 +354,7 @@ def build_cache(
     from lrkd.data.cache_teacher import cache_teacher
     from lrkd.data.teacher_cache import read_teacher_cache
 
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     cache_teacher(
         prepared,
         out,
@@ -366,6 +366,7 @@ def build_cache(
         device="cpu",
     )
     wall = time.perf_counter() - began
+    busy = (time.process_time() - cpu) / wall
     info = read_teacher_cache(out)
     return {
         "k": k,
@@ -374,8 +375,10 @@ def build_cache(
         "formula_bytes_per_token": formula_bytes(k, info.vocab_size, args.logprob_dtype),
         "build_s": info.seconds,
         "build_call_s": wall,
+        "build_cores_busy": busy,
         "target_tokens": info.target_tokens,
         "size_bytes": dir_bytes(out),
+        "teacher_files_bytes": dir_bytes(out / "teacher"),
     }
 
 
@@ -639,8 +642,17 @@ def note_lines(result: dict[str, Any]) -> list[str]:
         f"{result['caches'][0]['target_tokens'] if result['caches'] else 0:,} target tokens",
         "cache build s: the manifest's (teacher forwards, top-k, writing); whole calls with "
         "teacher loading: "
-        + ", ".join(f"k={c['k']} {c['build_call_s']:.1f} s" for c in result["caches"]),
+        + ", ".join(
+            f"k={c['k']} {c['build_call_s']:.1f} s ({c['build_cores_busy']:.2f} cores busy)"
+            for c in result["caches"]
+        ),
     ]
+    if result["caches"]:
+        files = result["caches"][0]["teacher_files_bytes"]
+        lines.append(
+            "cache size: all its files: the top-k columns (bytes/token x target tokens), the "
+            f"blocks' input_ids and teacher/ (config and tokenizer, {fmt_bytes(files)})"
+        )
     for name, r in runs.items():
         lines.append(
             f"{name}: compute {r['compute_ms']:,.0f} ms/step (data loading excluded), fit "

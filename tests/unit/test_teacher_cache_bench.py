@@ -46,7 +46,8 @@ def test_every_variant_is_measured_and_the_full_cache_matches_online(tmp_path: P
     for cache in caches:  # uint16 ids + float16 log-probs, and the list offsets
         assert cache["formula_bytes_per_token"] == 4 * cache["k"] + 2
         assert 0 <= cache["bytes_per_token"] - cache["formula_bytes_per_token"] < 1
-        assert cache["size_bytes"] > 0 and math.isfinite(cache["build_s"])
+        assert cache["size_bytes"] > cache["teacher_files_bytes"] > 0
+        assert math.isfinite(cache["build_s"]) and cache["build_cores_busy"] > 0
 
     scores = result["scores"]
     for s in scores.values():
