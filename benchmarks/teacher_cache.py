@@ -42,7 +42,7 @@ is not built over the training data: its size is computed, and checked by buildi
 
 Example::
 
-    python benchmarks/teacher_cache.py                 # the default setting (about 10 min on 2 cores)
+    python benchmarks/teacher_cache.py                 # default setting (~10 min, 2 cores)
     python benchmarks/teacher_cache.py --tiny          # tiny random teacher (tests)
 """
 
