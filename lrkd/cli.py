@@ -286,15 +286,14 @@ def _single_file(folder: Path, target: Path) -> Path:
     return target
 
 
-def _export_main(argv: list[str]) -> Path:
+def _function_main(function: Any, prog: str, description: str, argv: list[str]) -> Any:
+    """Run a subcommand that is one function: its arguments parsed from ``argv`` by its
+    signature and docstring (``--help``)."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(
-        prog="lrkd export",
-        description="Write the student of a `lrkd fit` checkpoint as a plain Hugging Face model.",
-    )
-    parser.add_function_arguments(export)
-    return export(**parser.parse_args(argv).as_dict())
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_function_arguments(function)
+    return function(**parser.parse_args(argv).as_dict())
 
 
 def wire_teacher_cache(cache: str, data: Any) -> None:
@@ -340,33 +339,6 @@ def _exit(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _cache_teacher_main(argv: list[str]) -> Path:
-    from jsonargparse import ArgumentParser
-
-    from lrkd.data.cache_teacher import cache_teacher_command
-
-    parser = ArgumentParser(
-        prog="lrkd cache-teacher",
-        description="Run the teacher once over prepared data and store its top-k log-probs, "
-        "for lrkd fit with model.teacher_cache.",
-    )
-    parser.add_function_arguments(cache_teacher_command)
-    return cache_teacher_command(**parser.parse_args(argv).as_dict())
-
-
-def _prepare_main(argv: list[str]) -> Path:
-    from jsonargparse import ArgumentParser
-
-    from lrkd.data.prepare import prepare_command
-
-    parser = ArgumentParser(
-        prog="lrkd prepare",
-        description="Tokenise, pack and save records as a memory-mapped dataset for lrkd fit.",
-    )
-    parser.add_function_arguments(prepare_command)
-    return prepare_command(**parser.parse_args(argv).as_dict())
-
-
 def rank(
     teacher: str,
     num_tokens: float,
@@ -399,18 +371,6 @@ def rank(
     report = rank_report(model, num_tokens, c=c, widths=widths, probe_tokens=probe_tokens)
     print(report.table())
     return report
-
-
-def _rank_main(argv: list[str]) -> RankReport:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(
-        prog="lrkd rank",
-        description="Suggest a student width for a token budget, with the teacher's spectral "
-        "tail at each width.",
-    )
-    parser.add_function_arguments(rank)
-    return rank(**parser.parse_args(argv).as_dict())
 
 
 def expand_extends(argv: list[str]) -> list[str]:
@@ -523,6 +483,28 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+#: The subcommands that are one function (:func:`_functions`).
+FUNCTIONS = ("export", "prepare", "cache-teacher", "rank")
+
+
+def _functions() -> dict[str, tuple[Any, str]]:
+    """The subcommands that are one function: name -> (the function, its description); the
+    data commands' modules are imported only when one of them runs."""
+    from lrkd.data.cache_teacher import cache_teacher_command
+    from lrkd.data.prepare import prepare_command
+
+    return {
+        "export": (export, "Write the student of a `lrkd fit` checkpoint as a plain Hugging Face "
+                   "model."),
+        "prepare": (prepare_command, "Tokenise, pack and save records as a memory-mapped "
+                    "dataset for lrkd fit."),
+        "cache-teacher": (cache_teacher_command, "Run the teacher once over prepared data and "
+                          "store its top-k log-probs, for lrkd fit with model.teacher_cache."),
+        "rank": (rank, "Suggest a student width for a token budget, with the teacher's spectral "
+                 "tail at each width."),
+    }  # fmt: skip
+
+
 def usage() -> str:
     """The top-level ``lrkd --help`` text: every subcommand, one line each."""
     width = max(map(len, SUBCOMMANDS))
@@ -568,14 +550,9 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
     if isinstance(argv, list) and argv[0] == "env":
         print(env_report())
         return None
-    if isinstance(argv, list) and argv and argv[0] == "export":
-        return _export_main(argv[1:])
-    if isinstance(argv, list) and argv and argv[0] == "prepare":
-        return _prepare_main(argv[1:])
-    if isinstance(argv, list) and argv and argv[0] == "cache-teacher":
-        return _cache_teacher_main(argv[1:])
-    if isinstance(argv, list) and argv and argv[0] == "rank":
-        return _rank_main(argv[1:])
+    if isinstance(argv, list) and argv[0] in FUNCTIONS:
+        function, description = _functions()[argv[0]]
+        return _function_main(function, f"lrkd {argv[0]}", description, argv[1:])
     if isinstance(argv, list):
         argv = expand_extends(argv)
         renamed = renamed_arguments(argv)

@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from lrkd.data.checks import check_at_least, check_choice
-from lrkd.data.manifest import MANIFEST, read_manifest, tokenizer_fingerprint, write_manifest
+from lrkd.data.manifest import (
+    MANIFEST,
+    output_holds,
+    read_manifest,
+    tokenizer_fingerprint,
+    write_manifest,
+)
 from lrkd.data.prepare import _move_into_place
 from lrkd.data.teacher_cache import (
     COLUMNS,
@@ -591,18 +597,7 @@ def _check_out(out: Path, prepared: Path, key: str, overwrite: bool) -> bool:
     """Whether ``out`` holds this cache already; refuse one that holds something else."""
     if out.resolve() == prepared.resolve():
         raise ValueError(f"--out {out} is the --prepared directory; give another directory")
-    if (out / MANIFEST).is_file():
-        if _holds(out, key):
-            return True
-        if not overwrite:
-            raise ValueError(
-                f"--out {out} holds another teacher cache or prepared dataset; give another "
-                "--out, or --overwrite true to replace it"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not a teacher cache; give an empty or new "
-                         "directory")  # fmt: skip
-    return False
+    return output_holds(out, key, overwrite, "teacher cache")
 
 
 def cache_teacher(

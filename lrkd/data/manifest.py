@@ -21,6 +21,7 @@ __all__ = [
     "PrepareSettings",
     "check_manifest",
     "content_hash",
+    "output_holds",
     "read_manifest",
     "source_entry",
     "tokenizer_fingerprint",
@@ -229,6 +230,32 @@ def _changed(entry: dict[str, Any]) -> str | None:
     if current["size"] != entry["size"]:
         return f"changed size ({entry['size']} -> {current['size']} bytes)"
     return "changed content"
+
+
+def output_holds(out: Path, key: str, overwrite: bool, what: str) -> bool:
+    """Whether ``out`` holds the finished directory with ``key`` already (then there is nothing
+    to do); ``False`` when it is free to write, or holds another one and ``overwrite`` is set.
+
+    Args:
+        out: the ``--out`` directory.
+        key: the key of the directory to write.
+        overwrite: whether another finished directory there may be replaced.
+        what: what is written, for messages (``prepared dataset``, ``teacher cache``).
+
+    Raises:
+        ValueError: ``out`` holds another finished directory (without ``overwrite``), or files
+            that are none.
+    """
+    if (out / MANIFEST).is_file():
+        if json.loads((out / MANIFEST).read_text()).get("key") == key:
+            return True
+        if not overwrite:
+            raise ValueError(f"--out {out} holds a {what} made from other sources or settings; "
+                             "give another --out, or --overwrite true to replace it")  # fmt: skip
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not a {what}; give an empty or new "
+                         "directory")  # fmt: skip
+    return False
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

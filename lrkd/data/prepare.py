@@ -39,6 +39,7 @@ from lrkd.data.manifest import (
     MANIFEST,
     PACK_MODES,
     PrepareSettings,
+    output_holds,
     read_manifest,
     source_entry,
     tokenizer_fingerprint,
@@ -148,18 +149,9 @@ def prepare(
     sources = _sources(train_files, val_files)
     entries = {split: [source_entry(p) for p in paths] for split, paths in sources.items()}
     key = cache_key(entries, tokenizer, settings)
-    if (out / MANIFEST).is_file():
-        if read_manifest(out).get("key") == key:
-            log.info("lrkd prepare: %s is prepared already (same sources and settings)", out)
-            return out
-        if not overwrite:
-            raise ValueError(
-                f"--out {out} holds data prepared from other sources or settings; give another "
-                "--out, or --overwrite true to replace it"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not a prepared dataset; give an empty or "
-                         "new directory")  # fmt: skip
+    if output_holds(out, key, overwrite, "prepared dataset"):
+        log.info("lrkd prepare: %s is prepared already (same sources and settings)", out)
+        return out
     _remove_stale_staging(out)
     workers = num_proc or default_workers([p for paths in sources.values() for p in paths])
     staging = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}"

@@ -5,16 +5,13 @@ checkpoint of a cached run."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import make_tokenizer
+from loss_recorder import fit_in_subprocess, read_losses
 from transformers import AutoModelForCausalLM
 
 from lrkd.cli import main
@@ -22,7 +19,6 @@ from lrkd.data.cache_teacher import cache_teacher
 from lrkd.data.manifest import PrepareSettings
 from lrkd.data.prepare import prepare
 
-HERE = Path(__file__).parent
 SEQ = 24
 STRATEGIES = {
     "single": ({"devices": 1}, 4),
@@ -74,28 +70,12 @@ def _config(tmp: Path, cache: Path, name: str, strategy: str) -> Path:
     return path
 
 
-def _fit(config: Path, *args: str) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "lrkd.cli", "fit", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _losses(path: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
-
-
 @pytest.mark.distributed
 def test_ddp_and_fsdp2_from_a_cache_match_one_process_and_resume(tmp_path, cache) -> None:
     runs = {}
     for strategy in STRATEGIES:
-        _fit(_config(tmp_path, cache, strategy, strategy))
-        runs[strategy] = _losses(tmp_path / f"{strategy}_losses.jsonl")
+        fit_in_subprocess(_config(tmp_path, cache, strategy, strategy))
+        runs[strategy] = read_losses(tmp_path / f"{strategy}_losses.jsonl")
     single = runs["single"]
     assert sorted(single) == [0, 1, 2, 3] and len(set(single.values())) == 4
     for strategy in ("ddp", "fsdp2"):
@@ -103,9 +83,9 @@ def test_ddp_and_fsdp2_from_a_cache_match_one_process_and_resume(tmp_path, cache
             # Same global batch: the ranks' mean per-token loss is the one-process loss.
             torch.testing.assert_close(runs[strategy][step], loss, rtol=1e-5, atol=0)
 
-    _fit(_config(tmp_path, cache, "resumed", "ddp"), "--ckpt_path",
+    fit_in_subprocess(_config(tmp_path, cache, "resumed", "ddp"), "--ckpt_path",
          str(tmp_path / "ddp_ckpt" / "step=2.ckpt"))  # fmt: skip
-    resumed = _losses(tmp_path / "resumed_losses.jsonl")
+    resumed = read_losses(tmp_path / "resumed_losses.jsonl")
     assert sorted(resumed) == [2, 3]
     for step in (2, 3):
         torch.testing.assert_close(resumed[step], runs["ddp"][step], rtol=1e-6, atol=0)

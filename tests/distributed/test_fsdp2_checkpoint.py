@@ -4,20 +4,15 @@ student of a sharded checkpoint as a plain Hugging Face model equal to the train
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from loss_recorder import fit_in_subprocess, read_losses
 from transformers import AutoModelForCausalLM
 
 from lrkd.cli import main
-
-HERE = Path(__file__).parent
 
 
 def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
@@ -63,28 +58,12 @@ def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
     return path
 
 
-def _fit(config: Path, *args: str) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "lrkd.cli", "fit", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _losses(path: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "full"])
 def test_fsdp2_checkpoint_resumes_and_exports(tmp_path, tiny_teacher_dir, sharded: bool) -> None:
     whole = _config(tmp_path, tiny_teacher_dir, "whole", sharded)
-    _fit(whole)
-    expected = _losses(tmp_path / "whole_losses.jsonl")
+    fit_in_subprocess(whole)
+    expected = read_losses(tmp_path / "whole_losses.jsonl")
     assert sorted(expected) == [0, 1, 2, 3] and len(set(expected.values())) == 4
     checkpoint = tmp_path / "whole_ckpt" / "step=2.ckpt"
     assert checkpoint.is_dir() == sharded and checkpoint.exists()
@@ -97,8 +76,8 @@ def test_fsdp2_checkpoint_resumes_and_exports(tmp_path, tiny_teacher_dir, sharde
         assert state and not any("teacher" in k for k in state), list(state)[:5]
 
     resumed = _config(tmp_path, tiny_teacher_dir, "resumed", sharded)
-    _fit(resumed, "--ckpt_path", str(checkpoint))
-    got = _losses(tmp_path / "resumed_losses.jsonl")
+    fit_in_subprocess(resumed, "--ckpt_path", str(checkpoint))
+    got = read_losses(tmp_path / "resumed_losses.jsonl")
     assert sorted(got) == [2, 3]
     for step in (2, 3):
         torch.testing.assert_close(got[step], expected[step], rtol=1e-6, atol=0)

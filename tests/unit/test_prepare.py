@@ -353,7 +353,8 @@ def test_other_settings_into_the_same_out_need_overwrite(tmp_path, tiny_tokenize
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in builtin_corpus(100)])
     out = prepare([str(src)], tmp_path / "out", tiny_tokenizer, settings(seq_length=16))
     first = examples(out)
-    with pytest.raises(ValueError, match=r"--out .*out holds data prepared .*--overwrite"):
+    refused = r"--out .*out holds a prepared dataset made from other .*--overwrite"
+    with pytest.raises(ValueError, match=refused):
         prepare([str(src)], out, tiny_tokenizer, settings(seq_length=8))
     assert examples(out) == first
     prepare([str(src)], out, tiny_tokenizer, settings(seq_length=8), overwrite=True)

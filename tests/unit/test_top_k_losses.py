@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses import ref_divergence, ref_reduce, upstream_weights
+from test_losses import ref_divergence, ref_reduce, single_thread, upstream_weights
 from torch import Tensor
 
 from lrkd.losses import DIVERGENCE_KINDS, KDDivergence, kd_divergence, top_k_kd_divergence
 
 SHAPE = (3, 6, 40)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+__all__ = ["single_thread"]  # test_losses' autouse fixture: tiny tensors run on one thread
 
 
 def make_inputs(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,4 +176,3 @@ def test_shape_errors() -> None:
         top_k_kd_divergence(student, ids, values, tail[:, :-1], "forward_kl")
     with pytest.raises(ValueError, match="integers"):
         top_k_kd_divergence(student, ids.double(), values, tail, "forward_kl")
-
