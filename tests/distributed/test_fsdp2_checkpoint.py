@@ -21,6 +21,10 @@ def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
         "trainer": {
             "max_steps": 4,
             "accelerator": "cpu",
+            # fp32: under bf16-mixed, ExportStudent materialises the clone from projections that
+            # FSDP2 gathers in bf16, `lrkd export` from the checkpoint's fp32 ones (they differed
+            # by up to 6e-5 on a bf16-fast CPU, where auto picks bf16-mixed).
+            "precision": "32-true",
             "devices": 2,
             "strategy": {
                 "class_path": "lrkd.distributed.FSDP2Strategy",

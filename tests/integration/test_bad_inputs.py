@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from lrkd.cli import main
+from lrkd.cli import console_main
 from lrkd.data.corpus import builtin_corpus
 
 #: The longest last line a bad input may end with.
@@ -31,17 +31,22 @@ SHORT = 300
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``lrkd ARGV`` in this process: (exit status, the last line it shows on the console)."""
+    """``lrkd ARGV`` in this process, as the console script runs it: (exit status, the last
+    line it shows on the console)."""
     capsys.readouterr()
     code, last = 0, ""
+    saved = sys.argv
+    sys.argv = ["lrkd", *argv]
     try:
-        main(argv)
+        console_main()
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         if isinstance(exit_.code, str):
             last = exit_.code
     except BaseException as err:  # what Python prints last for an uncaught exception
         code, last = 1, "".join(traceback.format_exception_only(err)).strip()
+    finally:
+        sys.argv = saved
     err_lines = capsys.readouterr().err.strip().splitlines()
     if not last and err_lines:
         last = err_lines[-1]
