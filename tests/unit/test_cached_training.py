@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import TINY_VOCAB, make_tiny_llama, make_tokenizer
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lrkd.cli import console_main, main
 from lrkd.data.cache_teacher import cache_teacher
@@ -116,10 +117,13 @@ def fit(module: DistillationModule, cache: Path, steps: int, **trainer_args) -> 
     record = Losses()
     data = TextDataModule(prepared=str(cache), tokenizer=str(cache / "teacher"), seq_length=SEQ,
                           batch_size=4)  # fmt: skip
+    callbacks = [record, *trainer_args.pop("callbacks", [])]
     trainer = Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[record, *trainer_args.pop("callbacks", [])],
-        limit_val_batches=0, precision="32-true", **trainer_args,
+        enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
+        precision="32-true", **trainer_args,
+        # without a ModelCheckpoint of the test's own, Lightning would write into the cwd
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=trainer_args.get("ckpt_path"))
     return record.losses
@@ -136,7 +140,6 @@ def test_a_run_from_a_full_cache_follows_the_online_trajectory(workdir) -> None:
 
 
 def test_a_resumed_run_from_a_cache_continues_exactly(workdir, tmp_path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     loss = Loss(ce_weight=0.5)
     seed_everything(0)
@@ -150,7 +153,7 @@ def test_a_resumed_run_from_a_cache_continues_exactly(workdir, tmp_path) -> None
                           seq_length=SEQ, batch_size=4)  # fmt: skip
     trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[record], limit_val_batches=0,
-                      precision="32-true")  # fmt: skip
+                      precision="32-true", enable_checkpointing=False)  # fmt: skip
     trainer.fit(cached_module(workdir, "k8", loss), datamodule=data,
                 ckpt_path=str(tmp_path / "last.ckpt"))  # fmt: skip
     assert first == whole[:3]
