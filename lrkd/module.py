@@ -158,6 +158,10 @@ class DistillationModule(LightningModule):
             if fused_head:
                 raise ValueError("model.fused_head=true needs the teacher's hidden states; with "
                                  "model.teacher_cache set fused_head: null or false.")  # fmt: skip
+            if loss.kd_reduction == "batchmean":
+                raise ValueError("model.loss.kd_reduction=batchmean counts each row's last "
+                                 "position, which model.teacher_cache does not hold; use "
+                                 "token_mean.")  # fmt: skip
         elif teacher is None:
             raise ValueError(
                 "model.teacher is not set: give the teacher (a built-in name such as "

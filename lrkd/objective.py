@@ -2,13 +2,15 @@
 
 For a batch whose ``loss_mask`` selects the target tokens (position i predicts token i + 1),
 
-    loss = kd_weight * sum_b w_b * sum_t D_bt / n_tokens  +  ce_weight * CE  +  clone_weight * C
+    loss = kd_weight * sum_b w_b * sum_t D_bt / N  +  ce_weight * CE  +  clone_weight * C
 
-where D is the divergence between the teacher's and the student's next-token distributions at
-a temperature (:class:`lrkd.losses.KDDivergence`, fp32, chunked over tokens), w_b the example's
-``weight`` (1 without one), CE the student's next-token cross-entropy and C the sum of the clone
-losses a :class:`~lrkd.models.protocols.CoRunStudent` reports. Weights with mean 1 keep the
-scale of unweighted distillation.
+where N is the number of target tokens (``kd_reduction: token_mean``) or of rows
+(``batchmean``, the official Low-Rank Clone code's ``kl_div(..., reduction="batchmean")``,
+which also counts each row's last position), D is the divergence between the teacher's and the
+student's next-token distributions at a temperature (:class:`lrkd.losses.KDDivergence`, fp32,
+chunked over tokens), w_b the example's ``weight`` (1 without one), CE the student's next-token
+cross-entropy and C the sum of the clone losses a :class:`~lrkd.models.protocols.CoRunStudent`
+reports. Weights with mean 1 keep the scale of unweighted distillation.
 
 When the teacher reads its own prompt over the same responses (``teacher_*`` batch keys, e.g.
 ``data.teacher_prompt_template``), :func:`aligned_targets` pairs the k-th target position of each
@@ -38,6 +40,7 @@ from lrkd.models.students import output_vocab_size
 log = logging.getLogger("lrkd")
 
 __all__ = [
+    "KD_REDUCTIONS",
     "DistillationObjective",
     "Loss",
     "Targets",
@@ -45,6 +48,10 @@ __all__ = [
     "next_token_targets",
     "shared_vocab_size",
 ]
+
+
+KD_REDUCTIONS: tuple[str, ...] = ("token_mean", "batchmean")
+"""How the divergence is normalised: over target tokens, or over rows (every position counted)."""
 
 
 def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +112,8 @@ class Targets:
         teacher_targets, teacher_mask: the teacher's (its own sequence's, or the same tensors).
         rows, teacher_rows: with a teacher prompt of its own, the paired target positions
             (:func:`aligned_targets`); ``None`` when both read the same sequence.
+        last: [B] whether each row's last position holds a real token in the loss (its
+            prediction has no next-token target in the row, but ``batchmean`` counts it).
     """
 
     targets: torch.Tensor
@@ -113,17 +122,29 @@ class Targets:
     teacher_mask: torch.Tensor
     rows: tuple[torch.Tensor, ...] | None = None
     teacher_rows: tuple[torch.Tensor, ...] | None = None
+    last: torch.Tensor | None = None
 
     @classmethod
     def of(cls, batch: dict[str, torch.Tensor]) -> Targets:
         """The targets of ``batch`` (and of its teacher view, paired, when it has one)."""
         targets, mask = next_token_targets(batch)
+        last = batch["loss_mask"][:, -1].to(torch.bool)
+        if batch.get("attention_mask") is not None:
+            last = last & batch["attention_mask"][:, -1].to(torch.bool)
         view = teacher_view(batch)
         if view is None:
-            return cls(targets, mask, targets, mask)
+            return cls(targets, mask, targets, mask, last=last)
         t_targets, t_mask = next_token_targets(view)
         rows, t_rows = aligned_targets(targets, mask, t_targets, t_mask)
-        return cls(targets, mask, t_targets, t_mask, rows, t_rows)
+        return cls(targets, mask, t_targets, t_mask, rows, t_rows, last)
+
+    def with_last_positions(self) -> torch.Tensor:
+        """The target mask plus each row's last position where :attr:`last` holds: every
+        position of a packed row."""
+        mask = self.mask.clone()
+        if self.last is not None:
+            mask[:, -1] = self.last
+        return mask
 
 
 def shared_vocab_size(
@@ -172,6 +193,13 @@ class Loss:
         temperature: both models' logits are divided by it before the divergence.
         scale_by_temperature_squared: multiply the divergence by T^2 (Hinton et al.), which
             keeps gradient magnitudes comparable across temperatures.
+        kd_reduction: ``token_mean`` (default): the divergence summed over target tokens over
+            their number. ``batchmean``: summed over every position that holds a real token in
+            the loss (each row's last one too, which has no next-token target in the row) over
+            the number of rows, as the official Low-Rank Clone code's
+            ``kl_div(..., reduction="batchmean")`` on packed rows. It is then about
+            ``seq_length`` times larger; weigh it with ``kd_weight``. Not with a teacher cache
+            or a teacher prompt of its own.
         kd_weight: weight of the divergence term.
         ce_weight: weight of the student's next-token cross-entropy on the data (0 disables).
         clone_weight: weight alpha of the activation clone loss, for a student that runs
@@ -188,6 +216,7 @@ class Loss:
     divergence: str = "forward_kl"
     temperature: float = 1.0
     scale_by_temperature_squared: bool = False
+    kd_reduction: str = "token_mean"
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     clone_weight: float = 0.0
@@ -225,6 +254,11 @@ class DistillationObjective(nn.Module):
             raise ValueError(
                 f"model.loss: {err} (see model.loss.temperature, jsd_beta, skew_alpha)."
             ) from err
+        if loss.kd_reduction not in KD_REDUCTIONS:
+            raise ValueError(
+                f"model.loss.kd_reduction={loss.kd_reduction!r}; choose one of "
+                f"{', '.join(KD_REDUCTIONS)}."
+            )
         weights = {"kd_weight": loss.kd_weight, "ce_weight": loss.ce_weight,
                    "clone_weight": loss.clone_weight}  # fmt: skip
         negative = [f"{name}={value}" for name, value in weights.items() if value < 0]
@@ -240,6 +274,7 @@ class DistillationObjective(nn.Module):
             )
         self.default_temperature = loss.temperature
         self.scale_by_temperature_squared = loss.scale_by_temperature_squared
+        self.kd_reduction = loss.kd_reduction
         self.kd_weight = loss.kd_weight
         self.ce_weight = loss.ce_weight
         self.clone_weight = loss.clone_weight
@@ -289,11 +324,20 @@ class DistillationObjective(nn.Module):
         return student_logits, teacher_logits
 
     def token_losses(
-        self, out: PairedOutput, t: Targets
+        self, out: PairedOutput, t: Targets, kd_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-token divergence [B, L], the mean CE, and the teacher's logits (``None`` on the
-        hidden-state path), from either kind of :class:`PairedOutput`."""
+        """Per-token divergence [B, L] over ``kd_mask`` (``None``: the target mask), the mean
+        CE over the target mask, and the teacher's logits (``None`` on the hidden-state path),
+        from either kind of :class:`PairedOutput`."""
         d = self.divergence
+        kd_mask = t.mask if kd_mask is None else kd_mask
+        if kd_mask is not t.mask and (t.rows is not None or out.teacher_top_k is not None):
+            raise ValueError(
+                "model.loss.kd_reduction=batchmean counts each row's last position, which "
+                + ("a teacher cache does not hold" if t.rows is None else
+                   "cannot be paired with a teacher prompt of its own")
+                + "; use kd_reduction: token_mean."
+            )  # fmt: skip
         if out.student_logits is None:  # hidden states and heads: logits never made in full
             head, t_head = out.head, out.teacher_head
             if self.shared_vocab is not None:
@@ -304,8 +348,10 @@ class DistillationObjective(nn.Module):
             )  # fmt: skip
             if t.rows is None:
                 kd_tokens, ce_tokens = fused(
-                    out.hidden, head, out.teacher_hidden, t_head, t.targets, t.mask
+                    out.hidden, head, out.teacher_hidden, t_head, t.targets, kd_mask
                 )
+                if kd_mask is not t.mask:  # no CE (nor its gradient) at positions without target
+                    ce_tokens = ce_tokens * t.mask
             else:
                 kd_sel, ce_sel = fused(out.hidden[t.rows], head, out.teacher_hidden[t.teacher_rows],
                                        t_head, t.targets[t.rows], None)  # fmt: skip
@@ -316,7 +362,7 @@ class DistillationObjective(nn.Module):
             return self._top_k_losses(out.student_logits, out.teacher_top_k, t)
         student_logits, teacher_logits = self.vocab_aligned(out.student_logits, out.teacher_logits)
         if t.rows is None:
-            kd_tokens = d(student_logits, teacher_logits, t.mask)
+            kd_tokens = d(student_logits, teacher_logits, kd_mask)
         else:
             kd_sel = d(student_logits[t.rows], teacher_logits[t.teacher_rows])
             kd_tokens = _scatter(kd_sel, t.rows, t.mask)
@@ -365,12 +411,13 @@ class DistillationObjective(nn.Module):
             ``loss`` (to minimise), ``kd`` (the divergence term, before ``kd_weight``), ``ce``,
             ``clone`` and ``clone_<term>`` for a co-run student, ``ce_teacher`` when asked.
         """
-        kd_tokens, ce, teacher_logits = self.token_losses(out, t)
-        n_tokens = t.mask.sum().clamp_min(1)
+        batchmean = self.kd_reduction == "batchmean"
+        kd_mask = t.with_last_positions() if batchmean else t.mask
+        kd_tokens, ce, teacher_logits = self.token_losses(out, t, kd_mask)
         kd_per_example = kd_tokens.sum(dim=-1)
         if weight is not None:
             kd_per_example = kd_per_example * weight.to(kd_per_example.dtype)
-        kd = kd_per_example.sum() / n_tokens
+        kd = kd_per_example.sum() / (t.mask.shape[0] if batchmean else t.mask.sum().clamp_min(1))
         if self.scale_by_temperature_squared:
             kd = kd * self.divergence.temperature**2
 

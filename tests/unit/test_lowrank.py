@@ -488,3 +488,48 @@ def test_distillation_module_generates_weights_once_per_optimizer_step(tiny_teac
     assert set(_generations(clone).values()) == {3}
     for name, value in clone.state_dict().items():
         assert not torch.equal(value, before[name]), f"{name} did not train"
+
+
+@pytest.mark.parametrize(("tied", "tie_projection"), [(True, False), (False, True)])
+def test_projection_tying_and_norm_eps_export_the_same_model(tied, tie_projection) -> None:
+    """tie_embedding_projection against the teacher's tying, and norm_eps: the exported model
+    computes the clone's logits, ties its embeddings only when both are tied, and carries the
+    student's epsilon."""
+    teacher = make_teacher("llama", tied)
+    clone = LowRankClone(teacher, hidden_size=40, init_std=0.2, seed=1, norm_eps=1e-3,
+                         tie_embedding_projection=tie_projection)  # fmt: skip
+    assert (clone.head_projection is None) is tie_projection
+    assert not clone.tied
+    ids, mask = _batch()
+    with torch.no_grad():
+        logits = clone(ids, mask).logits
+        exported = clone.materialize()
+        ref = exported(input_ids=ids, attention_mask=mask).logits
+    assert exported.config.rms_norm_eps == 1e-3
+    assert not exported.config.tie_word_embeddings
+    assert exported.lm_head.weight.data_ptr() != exported.model.embed_tokens.weight.data_ptr()
+    head = teacher.lm_head.weight @ (
+        clone.embed_projection if tie_projection else clone.head_projection
+    )
+    torch.testing.assert_close(exported.lm_head.weight, head.detach())
+    assert _max_rel_err(logits, ref, mask) <= 1e-4
+
+
+def test_activation_pca_with_a_tied_projection_over_an_untied_teacher_fits_the_head() -> None:
+    """The final-norm gain is fitted in the LM head's metric: the start is far closer to the
+    teacher than the untied projections' activation_pca is to a random normal start."""
+    teacher = make_teacher("llama", tied=False)
+    ids, mask = _batch()
+    probe = torch.randint(4, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(9))
+    kl = {}
+    for name, kwargs in {
+        "pca_tied_projection": dict(init="activation_pca", tie_embedding_projection=True),
+        "normal": dict(init="normal", init_std=0.02),
+    }.items():
+        clone = LowRankClone(teacher, hidden_size=64, probe_input_ids=probe, seed=0, **kwargs)
+        with torch.no_grad():
+            out = clone(ids, mask, with_teacher=True)
+        log_p = torch.log_softmax(out.teacher_logits.double(), -1)
+        log_q = torch.log_softmax(out.logits.double(), -1)
+        kl[name] = ((log_p.exp() * (log_p - log_q)).sum(-1)[mask.bool()]).mean().item()
+    assert kl["pca_tied_projection"] < 0.25 * kl["normal"], kl

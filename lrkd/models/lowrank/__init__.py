@@ -48,7 +48,13 @@ for type hints only):
 - :mod:`~lrkd.models.lowrank.builder`: :class:`LowRankCloneBuilder`.
 """
 
-from lrkd.models.lowrank.block import CLONE_LOSSES, CLONE_TERMS, CloneBlock
+from lrkd.models.lowrank.block import (
+    ATTN_OUT_SPACES,
+    CLONE_LOSSES,
+    CLONE_TERMS,
+    CloneBlock,
+    CloneTerms,
+)
 from lrkd.models.lowrank.builder import LowRankCloneBuilder
 from lrkd.models.lowrank.cache import WeightCache
 from lrkd.models.lowrank.clone import LowRankClone, LowRankCloneOutput
@@ -57,11 +63,13 @@ from lrkd.models.lowrank.inits import INITS
 from lrkd.models.lowrank.weights import GeneratedTensor
 
 __all__ = [
+    "ATTN_OUT_SPACES",
     "CLONE_LOSSES",
     "CLONE_TERMS",
     "INITS",
     "SUPPORTED_FAMILIES",
     "CloneBlock",
+    "CloneTerms",
     "GeneratedTensor",
     "LowRankClone",
     "LowRankCloneBuilder",

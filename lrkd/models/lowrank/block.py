@@ -7,10 +7,11 @@ takes the activation clone terms between the two layers as soon as both have run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,7 +19,7 @@ from lrkd._compat import call_decoder_layer
 from lrkd.models.lowrank.weights import LAYER_LINEARS, GeneratedTensor, generate
 from lrkd.models.teachers import exclude_from_state_dict
 
-__all__ = ["CLONE_LOSSES", "CLONE_TERMS", "CloneBlock"]
+__all__ = ["ATTN_OUT_SPACES", "CLONE_LOSSES", "CLONE_TERMS", "CloneBlock", "CloneTerms"]
 
 CLONE_TERMS: tuple[str, ...] = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 """Activation clone terms: pre-RoPE q/k/v, gate and up pre-activations, attention output
@@ -26,6 +27,11 @@ CLONE_TERMS: tuple[str, ...] = ("q", "k", "v", "gate", "up", "attn_out", "ffn_ou
 
 CLONE_LOSSES: tuple[str, ...] = ("mse", "relative_mse")
 """Per-term clone loss: plain MSE (the paper), or MSE over the target's mean square."""
+
+ATTN_OUT_SPACES: tuple[str, ...] = ("student", "teacher")
+"""Where the attention-output term compares: in the student's hidden space, against the
+teacher's output mapped by the o projection (the paper), or in the teacher's, both attention
+outputs through the teacher's o_proj, before the o projection (the official code)."""
 
 # Which linear's output each clone term compares, and whether it lives in the hidden space
 # (then the teacher's side is mapped into student space by that linear's projection).
@@ -40,6 +46,26 @@ _TERM_TAPS: dict[str, tuple[str, bool]] = {
 }
 # The projection that maps each hidden-space term's teacher activation into student space.
 _TERM_PROJ = {"attn_out": "o", "ffn_out": "down"}
+# The student's attention output before o_proj (for the teacher-space attention-output term).
+_O_INPUT = "student.self_attn.o_proj.input"
+
+
+@dataclass(frozen=True)
+class CloneTerms:
+    """Which clone terms a layer computes, and how.
+
+    Attributes:
+        terms: the terms (a subset of :data:`CLONE_TERMS`); empty computes none.
+        relative: divide each term by the teacher activation's mean square.
+        target_grad: let gradients flow through the projection that maps the teacher's
+            attention/FFN outputs into student space.
+        attn_out_space: ``student`` or ``teacher`` (:data:`ATTN_OUT_SPACES`).
+    """
+
+    terms: tuple[str, ...] = ()
+    relative: bool = False
+    target_grad: bool = False
+    attn_out_space: str = "student"
 
 
 def _masked_mse(
@@ -61,7 +87,8 @@ def _masked_mse(
     Returns:
         The scalar loss, in float32.
     """
-    diff = student.float() - target.float()
+    dtype = torch.promote_types(student.dtype, torch.float32)  # float64 stays float64
+    diff = student.to(dtype) - target.to(dtype)
     if token_mask is None:
         mse = diff.pow(2).mean()
     else:
@@ -69,7 +96,7 @@ def _masked_mse(
         mse = (diff.pow(2).mean(dim=-1) * token_mask).sum() / n
     if relative:
         with torch.no_grad():
-            t2 = target.float().pow(2)
+            t2 = target.to(dtype).pow(2)
             power = t2.mean() if token_mask is None else (t2.mean(-1) * token_mask).sum() / n
         mse = mse / power.clamp_min(1e-12)
     return mse
@@ -107,6 +134,7 @@ class CloneBlock(nn.Module):
         for side, owner in (("teacher", teacher_layer), ("student", layer)):
             for path, _ in _TERM_TAPS.values():
                 owner.get_submodule(path).register_forward_hook(self._tap_hook(f"{side}.{path}"))
+        layer.self_attn.o_proj.register_forward_hook(self._tap_hook(_O_INPUT, take_input=True))
         exclude_from_state_dict(self, ("teacher_layer",))
 
     @classmethod
@@ -184,10 +212,10 @@ class CloneBlock(nn.Module):
         """Register the teacher layer as a child, so that sharding this block shards it too."""
         self.teacher_layer = self._teacher_layer[0]
 
-    def _tap_hook(self, name: str) -> Any:
+    def _tap_hook(self, name: str, take_input: bool = False) -> Any:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self._taps is not None:
-                self._taps[name] = output
+                self._taps[name] = args[0] if take_input else output
 
         return hook
 
@@ -223,10 +251,8 @@ class CloneBlock(nn.Module):
         s_mask: Any,
         t_mask: Any,
         position_ids: torch.Tensor,
-        terms: Sequence[str] = (),
+        clone: CloneTerms = CloneTerms(),
         weights: dict[str, torch.Tensor] | None = None,
-        relative: bool = False,
-        target_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """Run teacher layer i and student layer i on their hidden states.
 
@@ -239,12 +265,9 @@ class CloneBlock(nn.Module):
             s_mask: the student's attention mask.
             t_mask: the teacher's attention mask.
             position_ids: token positions.
-            terms: the clone terms to compute.
+            clone: the clone terms to compute, and how.
             weights: the clone's cached generated weights; ``None`` generates this layer's
                 inside the autograd graph (and inside the FSDP2 gather).
-            relative: divide each term by the teacher activation's mean square.
-            target_grad: let gradients flow through the projection that maps the teacher's
-                attention/FFN outputs into student space.
 
         Returns:
             The new hidden states and the clone loss of each term.
@@ -253,7 +276,7 @@ class CloneBlock(nn.Module):
         for spec in self.specs:
             setattr(spec.module, spec.attr, generated[spec.name])
         taps: dict[str, torch.Tensor] = {}
-        self._taps = taps if terms else None
+        self._taps = taps if clone.terms else None
         try:
             if h_t is not None:
                 with torch.no_grad():
@@ -264,12 +287,18 @@ class CloneBlock(nn.Module):
         finally:
             self._taps = None
         losses = []
-        for name in terms:
+        for name in clone.terms:
             path, hidden_side = _TERM_TAPS[name]
-            target = taps[f"teacher.{path}"]
-            if hidden_side:
+            student, target = taps[f"student.{path}"], taps[f"teacher.{path}"]
+            if name == "attn_out" and clone.attn_out_space == "teacher":
+                # both through the teacher's o_proj: the o projection gets no clone gradient
+                o_proj = self.teacher_layer_ref.get_submodule(path)
+                a_s = taps[_O_INPUT]
+                bias = None if o_proj.bias is None else o_proj.bias.to(a_s.dtype)
+                student = F.linear(a_s, o_proj.weight.to(a_s.dtype), bias)
+            elif hidden_side:
                 proj = self.projections[_TERM_PROJ[name]]
-                with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
+                with torch.set_grad_enabled(clone.target_grad and torch.is_grad_enabled()):
                     target = target.to(proj.dtype) @ proj
-            losses.append(_masked_mse(taps[f"student.{path}"], target, token_mask, relative))
+            losses.append(_masked_mse(student, target, token_mask, clone.relative))
         return h_s, h_t, losses

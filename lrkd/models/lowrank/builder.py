@@ -34,6 +34,11 @@ class LowRankCloneBuilder(StudentBuilder):
             activation's mean square).
         clone_target_grad: let gradients flow through the projection that maps teacher
             attention/FFN outputs into student space (official code); default: fixed target.
+        attn_out_space: ``student`` (paper; default) or ``teacher`` (official code): where
+            the attention-output clone term compares.
+        tie_embedding_projection: one projection for embedding and LM head (official code's
+            ``tie_word_emb_proj``); ``null`` ties when the teacher ties its embeddings.
+        norm_eps: the student's RMSNorm epsilon; ``null`` keeps the teacher's.
         gradient_checkpointing: recompute each (teacher, student) layer pair in backward.
         cache_weights: generate weights once per optimizer step (recommended).
         seed: seed of the ``normal`` init.
@@ -51,6 +56,9 @@ class LowRankCloneBuilder(StudentBuilder):
         clone_terms: list[str] | None = None,
         clone_loss: str = "mse",
         clone_target_grad: bool = False,
+        attn_out_space: str = "student",
+        tie_embedding_projection: bool | None = None,
+        norm_eps: float | None = None,
         gradient_checkpointing: bool = False,
         cache_weights: bool = True,
         seed: int | None = 0,
@@ -64,6 +72,9 @@ class LowRankCloneBuilder(StudentBuilder):
             clone_terms=tuple(CLONE_TERMS if clone_terms is None else clone_terms),
             clone_loss=clone_loss,
             clone_target_grad=clone_target_grad,
+            attn_out_space=attn_out_space,
+            tie_embedding_projection=tie_embedding_projection,
+            norm_eps=norm_eps,
             gradient_checkpointing=gradient_checkpointing,
             cache_weights=cache_weights,
             seed=seed,

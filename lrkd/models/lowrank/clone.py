@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrkd._compat import attention_implementation, causal_mask
-from lrkd.models.lowrank.block import CLONE_LOSSES, CLONE_TERMS, CloneBlock
+from lrkd.models.lowrank.block import (
+    ATTN_OUT_SPACES,
+    CLONE_LOSSES,
+    CLONE_TERMS,
+    CloneBlock,
+    CloneTerms,
+)
 from lrkd.models.lowrank.cache import WeightCache
 from lrkd.models.lowrank.export import materialize as export_materialize
 from lrkd.models.lowrank.family import check_hidden_size, check_teacher, student_config_for
@@ -68,6 +74,16 @@ class LowRankClone(nn.Module):
             that maps the teacher's attention/FFN outputs into student space (as the official
             code does). ``False`` treats the mapped teacher output as a fixed target, which
             also avoids keeping the teacher's hidden-width activations for backward.
+        attn_out_space: where the ``attn_out`` term compares: ``student`` (the paper: the
+            student's o_proj output against the teacher's mapped by the o projection) or
+            ``teacher`` (the official code: both attention outputs through the teacher's
+            o_proj, in the teacher's hidden space, so the o projection gets no clone gradient).
+        tie_embedding_projection: one projection for the embedding and the LM head (the
+            official code's ``tie_word_emb_proj``). ``None`` ties exactly when the teacher ties
+            its embeddings. The exported student ties its embeddings only when both the
+            teacher and the projections are tied.
+        norm_eps: the student's RMSNorm epsilon (the official code's ``target_rms_norm_eps``,
+            1e-5 there); ``None`` keeps the teacher's ``rms_norm_eps``.
         gradient_checkpointing: recompute each (teacher layer, student layer) pair in
             backward instead of storing the student layer's activations.
         cache_weights: generate the weights once per optimizer step (the caller must call
@@ -90,23 +106,36 @@ class LowRankClone(nn.Module):
         clone_terms: Sequence[str] = CLONE_TERMS,
         clone_loss: str = "mse",
         clone_target_grad: bool = False,
+        attn_out_space: str = "student",
+        tie_embedding_projection: bool | None = None,
+        norm_eps: float | None = None,
         gradient_checkpointing: bool = False,
         cache_weights: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
         t_config = _check_arguments(
-            teacher, hidden_size, init, probe_input_ids, clone_terms, clone_loss
-        )
+            teacher, hidden_size, init, probe_input_ids, clone_terms, clone_loss, attn_out_space,
+            norm_eps,
+        )  # fmt: skip
         self._teacher = [teacher]  # a reference, deliberately not a registered submodule
         self.hidden_size = hidden_size
-        self.clone_terms = tuple(clone_terms)
+        self.clone = CloneTerms(
+            tuple(clone_terms), clone_loss == "relative_mse", clone_target_grad, attn_out_space
+        )
+        self.clone_terms = self.clone.terms
         self.clone_loss = clone_loss
         self.clone_target_grad = clone_target_grad
         self.gradient_checkpointing = gradient_checkpointing
         self.cache_weights = cache_weights
-        self.tied = bool(getattr(t_config, "tie_word_embeddings", False))
-        self.config = student_config_for(t_config, hidden_size)
+        teacher_tied = bool(getattr(t_config, "tie_word_embeddings", False))
+        #: One projection serves the embedding and the LM head.
+        self.tied_projection = (
+            teacher_tied if tie_embedding_projection is None else bool(tie_embedding_projection)
+        )
+        #: The student's embedding and LM head are one tensor (teacher and projection tied).
+        self.tied = teacher_tied and self.tied_projection
+        self.config = student_config_for(t_config, hidden_size, norm_eps, self.tied)
 
         from transformers import AutoModelForCausalLM
 
@@ -124,7 +153,9 @@ class LowRankClone(nn.Module):
         d_teacher = t_config.hidden_size
         self.embed_projection = nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
         self.head_projection = (
-            None if self.tied else nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
+            None
+            if self.tied_projection
+            else nn.Parameter(torch.empty(d_teacher, hidden_size, device=device))
         )
         self.root_specs = self._root_specs(device)
         self._weight_cache = WeightCache()
@@ -162,7 +193,8 @@ class LowRankClone(nn.Module):
 
     def generated_tensors(self) -> list[GeneratedTensor]:
         """How every student tensor is made: each layer's, then the embedding's and the LM
-        head's (the head only when untied). Each one counts its generations
+        head's (the head unless the student ties it to the embedding). Each one counts its
+        generations
         (:attr:`GeneratedTensor.generations`)."""
         return [spec for block in self.blocks for spec in block.specs] + self.root_specs
 
@@ -188,10 +220,11 @@ class LowRankClone(nn.Module):
             GeneratedTensor("model.embed_tokens.weight", None, "", teacher.model.embed_tokens,
                             "weight", "in", self, "embed_projection")
         ]  # fmt: skip
-        if self.head_projection is not None:
+        if not self.tied:
+            key = "embed_projection" if self.tied_projection else "head_projection"
             specs.append(
                 GeneratedTensor("lm_head.weight", None, "", teacher.lm_head, "weight", "in", self,
-                                "head_projection")
+                                key)
             )  # fmt: skip
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
             if tensor.is_meta:
@@ -299,15 +332,14 @@ class LowRankClone(nn.Module):
         if with_teacher:
             h_t, t_masks, t_pos = self._teacher_inputs(input_ids, attention_mask, position_ids)
 
-        terms = self.clone_terms if with_teacher else ()
+        clone = self.clone if with_teacher else CloneTerms()
         totals: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             h_s, h_t, losses = block(
                 h_s, h_t, s_pos, t_pos, token_mask, s_masks[i], t_masks[i] if t_masks else None,
-                position_ids, terms, weights, self.clone_loss == "relative_mse",
-                self.clone_target_grad, checkpointing=self.gradient_checkpointing,
+                position_ids, clone, weights, checkpointing=self.gradient_checkpointing,
             )  # fmt: skip
-            for name, value in zip(terms, losses, strict=True):
+            for name, value in zip(clone.terms, losses, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
 
         return self._output(h_s, h_t, head_w, totals, return_hidden)
@@ -389,6 +421,8 @@ def _check_arguments(
     probe_input_ids: torch.Tensor | None,
     clone_terms: Sequence[str],
     clone_loss: str,
+    attn_out_space: str,
+    norm_eps: float | None,
 ) -> Any:
     """Check :class:`LowRankClone`'s arguments (each error names the fix).
 
@@ -401,6 +435,15 @@ def _check_arguments(
     if clone_loss not in CLONE_LOSSES:
         raise ValueError(
             f"LowRankClone: clone_loss={clone_loss!r}; choose one of {', '.join(CLONE_LOSSES)}."
+        )
+    if attn_out_space not in ATTN_OUT_SPACES:
+        raise ValueError(
+            f"LowRankClone: attn_out_space={attn_out_space!r}; choose one of "
+            f"{', '.join(ATTN_OUT_SPACES)}."
+        )
+    if norm_eps is not None and not norm_eps > 0:
+        raise ValueError(
+            f"LowRankClone: norm_eps={norm_eps} must be > 0 (or null for the teacher's)."
         )
     t_config = check_teacher(teacher)
     check_hidden_size(hidden_size, t_config)

@@ -73,12 +73,20 @@ def check_hidden_size(hidden_size: int, teacher_config: Any) -> None:
         )
 
 
-def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
+def student_config_for(
+    teacher_config: Any,
+    hidden_size: int,
+    norm_eps: float | None = None,
+    tied: bool | None = None,
+) -> Any:
     """The Hugging Face config of a clone.
 
     Args:
         teacher_config: the teacher's Hugging Face config.
         hidden_size: the student's hidden size d_S.
+        norm_eps: the student's ``rms_norm_eps``; ``None`` keeps the teacher's.
+        tied: whether the student ties its embedding and LM head; ``None`` keeps the teacher's
+            ``tie_word_embeddings``.
 
     Returns:
         The teacher's config with ``hidden_size`` and an explicit ``head_dim`` (attention keeps
@@ -91,4 +99,8 @@ def student_config_for(teacher_config: Any, hidden_size: int) -> Any:
     config.head_dim = head_dim
     config.hidden_size = hidden_size
     config.use_cache = True
+    if norm_eps is not None:
+        config.rms_norm_eps = norm_eps
+    if tied is not None:
+        config.tie_word_embeddings = tied
     return config

@@ -120,8 +120,8 @@ def init_activation_pca(clone: LowRankClone, probe_input_ids: torch.Tensor) -> N
     U is the top-d_S eigenvectors of the second moment of the teacher's residual stream at
     every norm input on the probe (each token scaled to unit norm). The input-side projections
     are ``diag(g) U c`` (g the teacher norm's gain, c the RMS ratio of the student's norm input
-    to the teacher's), the output-side ones and the embedding's ``U``; a tied teacher's final
-    norm gain is fitted (:func:`_tied_head_gain`).
+    to the teacher's), the output-side ones and the embedding's ``U``; a tied projection's
+    final norm gain is fitted (:func:`_tied_head_gain`).
 
     Args:
         clone: the clone.
@@ -252,12 +252,13 @@ def _gain(norm: nn.Module) -> torch.Tensor:
 def _tied_head_gain(
     teacher: nn.Module, h: torch.Tensor, basis: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """The student's final-norm gain for a tied teacher under ``activation_pca``.
+    """The student's final-norm gain under ``activation_pca`` when one projection serves the
+    embedding and the LM head (a tied teacher, or ``tie_embedding_projection``).
 
     One projection U serves embedding and head, so the head computes
-    E_T U diag(g_S) U^T x instead of the teacher's E_T diag(g_T) x (x the RMS-normalised final
-    hidden state). g_S is the least-squares fit in the logit metric E_T^T E_T over the probe
-    tokens (normal equations of a d_S-dimensional linear problem).
+    H_T U diag(g_S) U^T x instead of the teacher's H_T diag(g_T) x (H_T the teacher's LM head,
+    x the RMS-normalised final hidden state). g_S is the least-squares fit in the logit metric
+    H_T^T H_T over the probe tokens (normal equations of a d_S-dimensional linear problem).
 
     Args:
         teacher: the teacher.
@@ -272,8 +273,8 @@ def _tied_head_gain(
     x = h.reshape(-1, d_t).double().cpu()
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
     second = x.t() @ x / x.shape[0]
-    embedding = teacher.model.embed_tokens.weight.detach().double().cpu()
-    metric = embedding.t() @ embedding
+    head = teacher.lm_head.weight.detach().double().cpu()
+    metric = head.t() @ head
     g_teacher = teacher.model.norm.weight.detach().double().cpu()
     lhs = (basis.t() @ second @ basis) * (basis.t() @ metric @ basis)
     rhs = torch.diagonal(basis.t() @ metric @ (g_teacher[:, None] * second) @ basis)
