@@ -141,6 +141,18 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+def frozen_with_random_gains(model):
+    """``model`` in eval mode and frozen, its norm gains ~ U(0.5, 1.5) and biases ~ N(0, 0.1)
+    (drawn from the global RNG), so that tests see non-trivial gains and biases."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

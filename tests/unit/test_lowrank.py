@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB, make_tiny_llama, tiny_config_fields
+from conftest import TINY_VOCAB, frozen_with_random_gains, make_tiny_llama, tiny_config_fields
 
 from lrkd.data.probe import probe_batch
 from lrkd.models.lowrank import CLONE_TERMS, LowRankClone, LowRankCloneBuilder
@@ -47,13 +47,7 @@ def make_teacher(family: str, tied: bool = True, seed: int = 0) -> torch.nn.Modu
         model = tf.Qwen3ForCausalLM(config)
     else:
         raise ValueError(family)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval().requires_grad_(False)
+    return frozen_with_random_gains(model)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

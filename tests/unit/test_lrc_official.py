@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_VOCAB, tiny_config_fields
+from conftest import TINY_VOCAB, frozen_with_random_gains, tiny_config_fields
 
 from lrkd.models.lowrank import LowRankCloneBuilder
 from lrkd.module import DistillationModule
@@ -53,13 +53,7 @@ def make_teacher(family: str, tied: bool) -> torch.nn.Module:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**fields))
     else:
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**fields, use_sliding_window=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval().requires_grad_(False)
+    return frozen_with_random_gains(model)
 
 
 # ---------------------------------------------------------------- the float64 reference
