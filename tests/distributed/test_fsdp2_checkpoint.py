@@ -15,16 +15,15 @@ from transformers import AutoModelForCausalLM
 from lrkd.cli import main
 
 
-def _config(tmp: Path, teacher_dir: Path, name: str, sharded: bool) -> Path:
+def _config(
+    tmp: Path, teacher_dir: Path, name: str, sharded: bool, precision: str = "32-true"
+) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
             "max_steps": 4,
             "accelerator": "cpu",
-            # fp32: under bf16-mixed, ExportStudent materialises the clone from projections that
-            # FSDP2 gathers in bf16, `lrkd export` from the checkpoint's fp32 ones (they differed
-            # by up to 6e-5 on a bf16-fast CPU, where auto picks bf16-mixed).
-            "precision": "32-true",
+            "precision": precision,
             "devices": 2,
             "strategy": {
                 "class_path": "lrkd.distributed.FSDP2Strategy",
@@ -93,3 +92,20 @@ def test_fsdp2_checkpoint_resumes_and_exports(tmp_path, tiny_teacher_dir, sharde
     assert exported.config.hidden_size == 32
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_fsdp2_bf16_mixed_export_is_made_from_the_fp32_masters(tmp_path, tiny_teacher_dir) -> None:
+    """Under bf16-mixed FSDP2 gathers parameters in bf16 for the forward; ExportStudent must
+    still multiply out the fp32 projections, exactly as `lrkd export` does from the checkpoint
+    (it once used the bf16 gather and differed by up to 4e-3)."""
+    run = _config(tmp_path, tiny_teacher_dir, "bf16", True, precision="bf16-mixed")
+    fit_in_subprocess(run)
+    final = tmp_path / "bf16_ckpt" / "step=4.ckpt"
+    out = main(["export", "--ckpt_path", str(final), "--out", str(tmp_path / "exported")])
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16_student").state_dict()
+    assert trained.keys() == exported.keys()
+    for name, value in trained.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)

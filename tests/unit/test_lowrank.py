@@ -216,6 +216,24 @@ def test_qwen2_biases_are_the_teachers_tensors() -> None:
     clone(torch.tensor([[5, 6, 7]]))
     q_bias = clone.layers[0].self_attn.q_proj.bias
     assert q_bias.data_ptr() == teacher.model.layers[0].self_attn.q_proj.bias.data_ptr()
+    # ... used, never registered: the clone's state_dict keeps its own tensors only
+    assert not any(name.endswith("bias") for name in clone.state_dict())
+    fresh = LowRankClone(teacher, hidden_size=32)
+    fresh.load_state_dict(clone.state_dict())  # strict
+
+
+def test_a_clone_of_a_meta_teacher_is_built_on_the_meta_device() -> None:
+    """Shapes and parameter counts of a real-size pair without memory (the recipes' check)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(make_teacher("qwen2").config)
+    clone = LowRankClone(teacher, hidden_size=32)
+    assert all(p.is_meta for p in clone.parameters())
+    real = LowRankClone(make_teacher("qwen2"), hidden_size=32)
+    assert {n: p.shape for n, p in clone.named_parameters()} == {
+        n: p.shape for n, p in real.named_parameters()
+    }
 
 
 def _grads(clone: LowRankClone) -> dict[str, torch.Tensor]:

@@ -226,9 +226,10 @@ class LowRankClone(nn.Module):
                 GeneratedTensor("lm_head.weight", None, "", teacher.lm_head, "weight", "in", self,
                                 key)
             )  # fmt: skip
-        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
-            if tensor.is_meta:
-                raise RuntimeError(f"LowRankClone: unhandled student tensor {name}")
+        if device.type != "meta":  # a teacher on the meta device gives a meta clone
+            for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+                if tensor.is_meta:
+                    raise RuntimeError(f"LowRankClone: unhandled student tensor {name}")
         return specs
 
     def fully_shard(

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lrkd.models.lowrank.sharding import gathered
-from lrkd.models.lowrank.weights import GeneratedTensor, generate
+from lrkd.models.lowrank.sharding import gathered, sharded
+from lrkd.models.lowrank.weights import GeneratedTensor, full_tensor, generate
 
 if TYPE_CHECKING:
     from lrkd.models.lowrank.clone import LowRankClone
@@ -23,8 +23,11 @@ def materialize(
 ) -> nn.Module:
     """A plain transformers model of the teacher's family with ``hidden_size = d_S``.
 
-    Under FSDP2 each unit is gathered in turn, so every rank gets the whole student (every rank
-    must call this together); the teacher is never gathered whole.
+    Under FSDP2 every rank gets the whole student (every rank must call this together), made
+    unit by unit, so the teacher is never gathered whole. A new model is made from the
+    parameters' own dtype (the fp32 masters under ``bf16-mixed``, as ``lrkd export`` reads them
+    from a checkpoint), one tensor at a time; ``into`` is refreshed from each unit's gather (in
+    the mixed-precision dtype, one collective per unit: the per-step rollout copy).
 
     Args:
         clone: the clone.
@@ -51,10 +54,12 @@ def materialize(
     ]
     units.append((clone, clone.norm, clone.root_specs, "model.norm."))
     loaded: set[str] = set()
+    full = into is None
     for unit, trained, specs, prefix in units:
-        with gathered(unit):  # parameters are looked up after gathering
-            own = {prefix + name: p for name, p in trained.named_parameters()}
-            state = {s.name: generate(s) if cached is None else cached[s.name] for s in specs}
+        with sharded(unit) if full else gathered(unit):  # parameters are looked up inside
+            own = {prefix + name: full_tensor(p) for name, p in trained.named_parameters()}
+            state = {s.name: generate(s, full=full) if cached is None else cached[s.name]
+                     for s in specs}  # fmt: skip
             state.update(own)
             # load_state_dict copies (and casts) into the model's own tensors.
             missing, unexpected = model.load_state_dict(

@@ -16,7 +16,7 @@ from torch import nn
 if TYPE_CHECKING:
     from lrkd.models.lowrank.clone import LowRankClone
 
-__all__ = ["ROOT_TEACHER_PARTS", "fully_shard", "gathered"]
+__all__ = ["ROOT_TEACHER_PARTS", "fully_shard", "gathered", "sharded"]
 
 ROOT_TEACHER_PARTS: tuple[str, ...] = ("teacher_embed", "teacher_norm", "teacher_head")
 """The teacher's modules outside its layers that a sharded clone registers as children (and
@@ -43,6 +43,24 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.reshard()
+
+
+@contextlib.contextmanager
+def sharded(module: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2 unit's parameters are its sharded DTensors in their own dtype (the
+    unit is resharded first; a no-op for any other module), for :func:`weights.full_tensor`.
+
+    Args:
+        module: an FSDP2 unit, or any module.
+
+    Yields:
+        Nothing.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+    yield
 
 
 def fully_shard(

@@ -95,25 +95,41 @@ def generation_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     return default
 
 
-def generate(spec: GeneratedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a DTensor, e.g. an FSDP2 parameter outside its
+    unit's gather: all ranks must call this together), in its own dtype; any other tensor as it
+    is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def generate(
+    spec: GeneratedTensor, dtype: torch.dtype | None = None, full: bool = False
+) -> torch.Tensor:
     """Make the student tensor of ``spec``.
 
     Args:
         spec: the tensor's recipe.
         dtype: the dtype to compute in; ``None`` is the autocast dtype under autocast, else the
             projection's. Ignored for a copied tensor (returned as the teacher's).
+        full: read sharded (FSDP2) tensors whole, in their own dtype (:func:`full_tensor`),
+            instead of as they are (gathered, in the mixed-precision dtype, inside a forward).
 
     Returns:
         The generated tensor (in the autograd graph of the projection when grad is enabled).
     """
     spec.generations += 1
+    read = full_tensor if full else (lambda tensor: tensor)
     if spec.kind == "copy":
-        return spec.teacher()
-    p = spec.projection()
+        # Detached: a Parameter set on the student layer would register the teacher's tensor
+        # as a student parameter (in its state_dict, and dangling once FSDP2 reshards it).
+        return read(spec.teacher()).detach()
+    p = read(spec.projection())
     dtype = generation_dtype(p.device, p.dtype) if dtype is None else dtype
     # Cast both sides here rather than leave it to autocast, so that a bf16 teacher is never
     # copied to fp32 only to be cast back.
-    w, p = spec.teacher().to(dtype), p.to(dtype)
+    w, p = read(spec.teacher()).to(dtype), p.to(dtype)
     if spec.kind == "in":
         return w @ p
     if spec.kind == "out":
