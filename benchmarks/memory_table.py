@@ -2,9 +2,12 @@
 
 Computed, not measured: the script counts parameters exactly (transformers models built on the
 meta device; the LRC trainable count from its formula, checked against the real
-:class:`lrkd.models.lowrank.LowRankClone` on tiny Llamas) and multiplies them by bytes per
-parameter. The default pair is Llama-3.2-3B (hidden 3072, 28 layers, 24 heads, 8 KV heads,
-head_dim 128, FFN 8192, vocab 128256, tied embeddings) -> student hidden 1536.
+:class:`lrkd.models.lowrank.LowRankClone` on tiny Llamas, Qwen2s and Qwen3s) and multiplies them
+by bytes per parameter. The default pair is Llama-3.2-3B (hidden 3072, 28 layers, 24 heads, 8 KV
+heads, head_dim 128, FFN 8192, vocab 128256, tied embeddings) -> student hidden 1536; ``--pair``
+picks one of the real-scale recipes' pairs (``benchmarks/shapes.py``: ``llama3.2-3b``,
+``qwen2.5-3b`` -> 1200, ``qwen3-4b`` -> 1280), ``--family`` the teacher family of a shape given
+size by size.
 
 What the LRC holds (L layers, teacher hidden d_T, student hidden d_S)::
 
@@ -12,8 +15,10 @@ What the LRC holds (L layers, teacher hidden d_T, student hidden d_S)::
               + d_T * d_S                  # embedding projection
               + d_T * d_S   (untied only)  # LM-head projection
               + (2 * L + 1) * d_S          # student RMSNorm gains
-    generated = the materialised student's weights without its norms (a plain Llama with
-                hidden d_S and the teacher's heads, head_dim, FFN and vocabulary)
+              + 2 * L * head_dim (qwen3 only)  # the student's q/k norm gains (from the teacher's)
+    generated = the materialised student's weights without its norms (a plain model of the
+                teacher's family with hidden d_S and the teacher's heads, head_dim, FFN and
+                vocabulary; Qwen2's q/k/v biases are the teacher's, copied, and counted here)
 
 Model-state bytes per device, bf16-mixed precision, AdamW (the rows of the table):
 
@@ -62,6 +67,7 @@ CUDA context.
 Example::
 
     python benchmarks/memory_table.py --world-sizes 1 2 4 8 --seq 2048 --micro-batch 1
+    python benchmarks/memory_table.py --pair qwen3-4b --world-sizes 8 --seq 2048 --micro-batch 3
     python benchmarks/memory_table.py --tiny
 """
 
@@ -73,7 +79,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from shapes import LLAMA_3B_LRC, Shape, teacher_config
+from shapes import FAMILIES, LLAMA_3B_LRC, PAIRS, Shape, teacher_config
 
 BF16 = 2
 FP32 = 4
@@ -136,7 +142,7 @@ class LrcCounts:
         layer_projections: one layer's 7 projections.
         embed_projection: the embedding projection.
         head_projection: the LM-head projection (0 when the teacher is tied).
-        layer_norms: one student layer's 2 RMSNorm gains.
+        layer_norms: one student layer's RMSNorm gains (2, plus Qwen3's q/k norms).
         final_norm: the student's final RMSNorm gain.
         layers: the number of layers.
     """
@@ -166,7 +172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         argv: Arguments; ``None`` reads ``sys.argv``.
 
     Returns:
-        The parsed arguments (the ``--tiny`` sizes replace the model sizes).
+        The parsed arguments (the ``--pair`` or ``--tiny`` sizes replace the model sizes).
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = asdict(LLAMA_3B_LRC)
@@ -181,11 +187,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--untied", action="store_true", help="Untied teacher embeddings (adds a head P)."
     )
+    parser.add_argument("--family", choices=FAMILIES, default=d["family"], help="Teacher family.")
+    parser.add_argument(
+        "--pair", choices=sorted(PAIRS), help="A named pair (its sizes replace the model sizes)."
+    )
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seq", type=int, default=2048, help="Tokens per sequence.")
     parser.add_argument("--micro-batch", type=int, default=1, help="Sequences per micro-batch.")
     parser.add_argument("--tiny", action="store_true", help="Tiny sizes (smoke test).")
     args = parser.parse_args(argv)
+    if args.pair is not None:
+        pair = asdict(PAIRS[args.pair])
+        for key in ("seq", "tied"):
+            pair.pop(key)
+        for key, value in pair.items():
+            setattr(args, key, value)
+        args.untied = not PAIRS[args.pair].tied
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
@@ -202,17 +219,23 @@ def count_params(config: Any) -> Counts:
     """Counts a causal LM's parameters exactly by building it on the meta device.
 
     Args:
-        config: A transformers config of a Llama-like causal LM.
+        config: A transformers config of a Llama-like causal LM (Llama, Qwen2, Qwen3).
 
     Returns:
-        The counts; their sum is checked against the model's own parameter total.
+        The counts (a layer's norms: every module of it whose name ends in ``norm``, Qwen3's
+        q/k norms too); their sum is checked against the model's own parameter total.
     """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layer = model.model.layers[0]
-    norms = layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
+    norms = sum(
+        p.numel()
+        for name, module in layer.named_modules()
+        if name.endswith("norm")
+        for p in module.parameters()
+    )
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     counts = Counts(
         total=sum(p.numel() for p in model.parameters()),
@@ -229,14 +252,21 @@ def count_params(config: Any) -> Counts:
     return counts
 
 
-def lrc_counts(d_teacher: int, d_student: int, layers: int, tied: bool) -> LrcCounts:
-    """The LRC trainable parameters by formula (Llama family: no q/k norms, no biases).
+def lrc_counts(
+    d_teacher: int, d_student: int, layers: int, tied: bool, qk_norm_dim: int = 0
+) -> LrcCounts:
+    """The LRC trainable parameters by formula.
+
+    Biases (Qwen2's q/k/v) are on the input side, so the clone copies the teacher's and trains
+    none; Qwen3's q/k norms act over head_dim, and the clone trains its own gains, initialised
+    from the teacher's.
 
     Args:
         d_teacher: Teacher hidden size d_T.
         d_student: Student hidden size d_S.
         layers: Number of decoder layers.
         tied: Whether the teacher's embeddings are tied (then no head projection).
+        qk_norm_dim: head_dim for a teacher with q/k norms (Qwen3), else 0.
 
     Returns:
         The counts.
@@ -246,44 +276,48 @@ def lrc_counts(d_teacher: int, d_student: int, layers: int, tied: bool) -> LrcCo
         layer_projections=N_LINEARS * proj,
         embed_projection=proj,
         head_projection=0 if tied else proj,
-        layer_norms=2 * d_student,
+        layer_norms=2 * d_student + 2 * qk_norm_dim,
         final_norm=d_student,
         layers=layers,
     )
 
 
 def check_on_tiny() -> list[str]:
-    """Checks the formulas against the real LowRankClone on tiny tied and untied Llamas.
+    """Checks the formulas against the real LowRankClone on tiny teachers: tied and untied
+    Llamas, a tied Qwen2 (q/k/v biases) and a tied Qwen3 (q/k norms).
 
     The tiny teacher is tests/conftest.py's (vocab 128, hidden 64, FFN 128, 2 layers, 4/2
-    heads); the student has hidden 32. Asserts that the clone's trainable parameters equal
-    :func:`lrc_counts` and that its materialised model has the meta-counted size of
-    ``student_config_for(teacher, 32)``.
+    heads, head_dim 16) in each family; the student has hidden 32. Asserts that the clone's
+    trainable parameters equal :func:`lrc_counts` and that its materialised model has the
+    meta-counted size of ``student_config_for(teacher, 32)``.
 
     Returns:
         One line per checked configuration.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lrkd.models.lowrank import LowRankClone, student_config_for
 
     lines = []
-    for tied in (True, False):
-        tiny = {**TINY, "tied": tied, "seq": 256}  # tests/conftest.py's tiny Llama
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    for family, tied in (("llama", True), ("llama", False), ("qwen2", True), ("qwen3", True)):
+        tiny = {**TINY, "tied": tied, "seq": 256, "family": family}  # conftest's tiny sizes
         config = teacher_config(Shape(**tiny))
         torch.manual_seed(0)
-        teacher = LlamaForCausalLM(config).eval()
+        teacher = AutoModelForCausalLM.from_config(config).eval()
         clone = LowRankClone(teacher, hidden_size=32, seed=0)
         trainable = sum(p.numel() for p in clone.parameters() if p.requires_grad)
-        formula = lrc_counts(64, 32, 2, tied).total
+        qk_norm = TINY["head_dim"] if family == "qwen3" else 0
+        formula = lrc_counts(64, 32, 2, tied, qk_norm).total
+        what = f"{'tied' if tied else 'untied'} {names[family]}"
         if trainable != formula:
-            raise RuntimeError(f"tied={tied}: LowRankClone trainable {trainable} != {formula}")
+            raise RuntimeError(f"{what}: LowRankClone trainable {trainable} != {formula}")
         materialised = sum(p.numel() for p in clone.materialize().parameters())
         meta = count_params(student_config_for(config, 32)).total
         if materialised != meta:
-            raise RuntimeError(f"tied={tied}: materialize() {materialised} != meta {meta}")
+            raise RuntimeError(f"{what}: materialize() {materialised} != meta {meta}")
         lines.append(
-            f"tiny {'tied' if tied else 'untied'} Llama 64 -> 32: LowRankClone trainable "
+            f"tiny {what} 64 -> 32: LowRankClone trainable "
             f"{trainable:,} = formula; materialize() {materialised:,} = meta count"
         )
     return lines
@@ -338,6 +372,7 @@ def groups(teacher: Counts, student: Counts, lrc: LrcCounts) -> Groups:
         "bf16 copy of one projection while generating (largest)": BF16 * largest_projection
     }
     unit_trainable = lrc.layer_projections + lrc.layer_norms
+    norms = 2 if lrc.layer_norms == 2 * lrc.final_norm else 4  # Qwen3: + q/k norms
     root_trainable = lrc.embed_projection + lrc.head_projection + lrc.final_norm
     s_embed = student.embed + student.head
     t_embed = teacher.embed + teacher.head
@@ -352,7 +387,7 @@ def groups(teacher: Counts, student: Counts, lrc: LrcCounts) -> Groups:
         "FSDP2 layer unit (CloneBlock)",
         {
             "teacher layer (bf16, gathered)": BF16 * teacher.layer,
-            "7 projections + 2 student norms (bf16, gathered)": BF16 * unit_trainable,
+            f"7 projections + {norms} student norms (bf16, gathered)": BF16 * unit_trainable,
             "generated student layer weights (bf16)": BF16 * student.layer_linears,
             "their gradient (bf16, backward)": BF16 * student.layer_linears,
             "unsharded projection gradient (bf16 + fp32 copy to reduce)": REDUCE_BYTES
@@ -517,6 +552,7 @@ def counts_table(teacher: Counts, student: Counts, lrc: LrcCounts) -> list[str]:
     Returns:
         Markdown lines.
     """
+    qk = "" if lrc.layer_norms == 2 * lrc.final_norm else " + 2L × head_dim (q/k norms)"
     return [
         "| Parameters | Count |",
         "|---|---:|",
@@ -528,7 +564,7 @@ def counts_table(teacher: Counts, student: Counts, lrc: LrcCounts) -> list[str]:
         f"{fmt_params(lrc.layers * lrc.layer_projections)} |",
         f"| · embedding (+ head) projection | "
         f"{fmt_params(lrc.embed_projection + lrc.head_projection)} |",
-        f"| · student norms, (2L + 1) × d_S | "
+        f"| · student norms, (2L + 1) × d_S{qk} | "
         f"{fmt_params(lrc.layers * lrc.layer_norms + lrc.final_norm)} |",
     ]
 
@@ -625,12 +661,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     t_config = teacher_config(shape_of(args))
     teacher = count_params(t_config)
     student = count_params(student_config_for(t_config, args.student_hidden))
-    lrc = lrc_counts(args.teacher_hidden, args.student_hidden, args.layers, not args.untied)
+    qk_norm = args.head_dim if args.family == "qwen3" else 0
+    lrc = lrc_counts(
+        args.teacher_hidden, args.student_hidden, args.layers, not args.untied, qk_norm
+    )
     g = groups(teacher, student, lrc)
     unit, name = (GIB, "GiB") if g.persistent.total >= GIB else (MIB, "MiB")
 
+    family = "" if args.family == "llama" else f" ({args.family})"
     print(
-        f"LRC: teacher hidden {args.teacher_hidden} -> student hidden {args.student_hidden}, "
+        f"LRC{family}: teacher hidden {args.teacher_hidden} -> "
+        f"student hidden {args.student_hidden}, "
         f"{args.layers} layers, {args.heads}/{args.kv_heads} heads x {args.head_dim}, "
         f"FFN {args.ffn}, vocab {args.vocab}, {'untied' if args.untied else 'tied'} embeddings"
     )
