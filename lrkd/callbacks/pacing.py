@@ -156,6 +156,7 @@ class PassRatePacing(Callback):
                 progress=f"pass rates (round {round_index})" if trainer.is_global_zero else False,
                 temperature=rollouts.temperature, top_p=rollouts.top_p,
                 max_new_tokens=rollouts.max_new_tokens, batch_size=rollouts.batch_size,
+                stop=rollouts.stop,
             )  # fmt: skip
         del model
         dm.set_pass_rates(correct)
@@ -190,6 +191,7 @@ class PassRatePacing(Callback):
             "world_size": trainer.world_size,
             "reduce_sum": partial(trainer.strategy.reduce, reduce_op="sum"),
             "max_new_tokens": rollouts.max_new_tokens, "batch_size": rollouts.batch_size,
+            "stop": rollouts.stop,
         }  # fmt: skip
         metrics: dict[str, float] = {}
         with trainer.precision_plugin.forward_context():

@@ -52,6 +52,9 @@ class Rollouts:
         top_p: nucleus-sampling mass.
         max_new_tokens: the longest sampled answer.
         batch_size: sequences per generation forward pass.
+        stop: stop strings: an answer ends where one first appears and is verified without
+            it (e.g. ``["\\nQuestion:"]``, so that a number in a question the model goes on
+            to write is not read as its answer); also used for validation pass@1.
     """
 
     num_samples: int = 8
@@ -59,6 +62,7 @@ class Rollouts:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 32
+    stop: list[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def count_correct(
     world_size: int = 1,
     reduce_sum: Callable[[Tensor], Tensor] | None = None,
     progress: bool | str = False,
+    stop: Sequence[str | int] | None = None,
 ) -> Tensor:
     """Sample ``num_samples`` answers per problem and count those the verifier accepts.
 
@@ -57,6 +58,8 @@ def count_correct(
         world_size: the number of processes.
         reduce_sum: sums a tensor over processes; required when ``world_size > 1``.
         progress: show a progress bar (a string labels it).
+        stop: stop strings or token ids: each answer ends at the first and is verified without
+            it (:class:`lrkd.generation.stops.StopSequences`).
 
     Returns:
         The number of accepted samples of every problem [N] (int64, on the CPU).
@@ -80,6 +83,7 @@ def count_correct(
         keys=[keys[i] for i in mine],
         tokenizer=tokenizer,
         progress=progress,
+        stop=stop,
     )
     assert rollouts.texts is not None
     correct = torch.zeros(len(prompts), dtype=torch.int64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
 from lrkd.data.sampling_settings import check_sampling
 from lrkd.distributed import gathered_copy, is_sharded
+from lrkd.generation.stops import StopSequences
 from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
 from lrkd.seeds import row_seed
@@ -44,10 +46,12 @@ class Rollouts:
 
     Attributes:
         completion_ids: ``completion_ids[i][k]`` is the k-th completion of prompt i as token
-            ids, ending with the EOS token when the model produced one (then
-            ``finished[i][k]``) and cut at ``max_new_tokens`` otherwise.
-        finished: whether each completion ended with EOS.
-        texts: the decoded completions (without special tokens) when a tokenizer was given.
+            ids, ending with the EOS token (or a stop token id, or the token that completed a
+            stop string) when the model produced one (then ``finished[i][k]``) and cut at
+            ``max_new_tokens`` otherwise.
+        finished: whether each completion ended with EOS or a stop sequence.
+        texts: the decoded completions (without special tokens, cut before a stop sequence)
+            when a tokenizer was given.
     """
 
     completion_ids: list[list[list[int]]]
@@ -125,7 +129,10 @@ def _generate_batch(
     pad_token_id: int,
     kv_cache: bool,
     device: torch.device,
+    stop: StopSequences | None = None,
+    tokenizer: Any = None,
 ) -> tuple[list[list[int]], list[bool]]:
+    stop = stop or StopSequences()
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -133,7 +140,7 @@ def _generate_batch(
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    eos = torch.tensor(sorted(eos_ids), device=device)
+    eos = torch.tensor(sorted(eos_ids | stop.token_ids), device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
@@ -153,6 +160,12 @@ def _generate_batch(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         new_tokens[:, step] = token
         ended = ~done & torch.isin(token, eos)
+        if stop.strings:  # decode the rows still writing (a stop string may span tokens)
+            for row in (~done & ~ended).nonzero().flatten().tolist():
+                ids = new_tokens[row, : step + 1].tolist()
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if stop.find(text) is not None:
+                    ended[row] = True
         lengths = torch.where(ended, torch.full_like(lengths, step + 1), lengths)
         done |= ended
         if bool(done.all()):
@@ -182,6 +195,7 @@ def generate(
     keys: Sequence[str | int] | None = None,
     tokenizer: object | None = None,
     progress: bool | str = False,
+    stop: Sequence[str | int] | StopSequences | None = None,
 ) -> Rollouts:
     """Sample ``num_samples`` completions of each prompt.
 
@@ -208,6 +222,9 @@ def generate(
             processes.
         tokenizer: when given, the completions are also decoded into ``Rollouts.texts``.
         progress: show a progress bar (a string is used as its label).
+        stop: stop strings and/or token ids (:class:`~lrkd.generation.stops.StopSequences`):
+            a completion also ends where one first appears, and its text is cut before it.
+            Stop strings need ``tokenizer``.
 
     Returns:
         The completions, grouped by prompt.
@@ -225,6 +242,9 @@ def generate(
     if not eos_ids:
         raise ValueError("eos_token_id is empty")
     pad = min(eos_ids) if pad_token_id is None else pad_token_id
+    stop = stop if isinstance(stop, StopSequences) else StopSequences.of(stop)
+    if stop.strings and tokenizer is None:
+        raise ValueError(f"stop strings {list(stop.strings)} need a tokenizer to find them")
     keys = list(range(len(prompts))) if keys is None else list(keys)
 
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
@@ -266,6 +286,8 @@ def generate(
                 pad_token_id=pad,
                 kv_cache=kv_cache,
                 device=device,
+                stop=stop,
+                tokenizer=tokenizer,
             )
             for (i, k), ids, end in zip(batch_rows, out, ended, strict=True):
                 completions[i][k], finished[i][k] = ids, end
@@ -276,8 +298,5 @@ def generate(
 
     texts = None
     if tokenizer is not None:
-        texts = [
-            [tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt]
-            for per_prompt in completions
-        ]
+        texts = [[stop.text(ids, tokenizer) for ids in per_prompt] for per_prompt in completions]
     return Rollouts(completions, finished, texts)

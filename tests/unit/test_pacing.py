@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -234,3 +235,30 @@ def test_count_correct_argument_checks(tiny_tokenizer) -> None:
     with pytest.raises(ValueError, match="reduce_sum"):
         count_correct(model, prompts, ["1", "1"], names, FinalNumber(), tiny_tokenizer,
                       num_samples=2, world_size=2)  # fmt: skip
+
+
+class RamblingLM(nn.Module):
+    """Greedy: always answers "12", then starts another question: "12\nQ: 3"."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+        ids = tokenizer.convert_tokens_to_ids
+        text = "=12\nQ: 3"
+        self.table = torch.full((128, 128), -1e4)
+        for a, b in itertools.pairwise(text):
+            self.table[ids(a), ids(b)] = 0.0
+
+    def forward(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        return self.table[input_ids] + self.anchor
+
+
+def test_stop_strings_keep_the_verifier_on_the_answer(tiny_tokenizer) -> None:
+    """Without a stop string the final-number verifier reads the 3 of the next question the
+    model starts writing; with ``stop=["\\nQ:"]`` it reads the answer 12."""
+    model = RamblingLM(tiny_tokenizer).eval()
+    args = (model, [tiny_tokenizer("x=", add_special_tokens=False)["input_ids"]], ["12"], ["p"],
+            FinalNumber(), tiny_tokenizer)  # fmt: skip
+    kwargs = dict(num_samples=1, temperature=0.0, max_new_tokens=8)
+    assert count_correct(*args, **kwargs).tolist() == [0]
+    assert count_correct(*args, stop=["\nQ:"], **kwargs).tolist() == [1]

@@ -520,6 +520,48 @@ def test_texts_are_decoded_without_special_tokens(tiny_tokenizer) -> None:
     assert generate(model, prompts, **kwargs).texts is None
 
 
+# --------------------------------------------------------------------------- 6b. stop sequences
+@pytest.mark.parametrize("cached", [False, True], ids=["rerun", "kv_cache"])
+def test_stop_strings_end_a_completion_and_cut_its_text(tiny_tokenizer, cached: bool) -> None:
+    """A model that answers "= 12" and goes on with a new question: the stop string (spanning
+    two tokens) ends the completion where it appears and the text stops before it; a row
+    without the stop string runs to max_new_tokens as before."""
+    ids = tiny_tokenizer.convert_tokens_to_ids
+    chain = "12\nQ: 3"  # the answer, then the start of another question
+    successor = {ids(a): ids(b) for a, b in zip("=" + chain[:-1], chain, strict=True)}
+    successor.update({ids(c): ids(n) for c, n in zip("abcdef", "bcdefg", strict=True)})
+
+    def model() -> nn.Module:  # a fresh one per call: the cached model checks its cache
+        return (CachedNextTokenModel if cached else NextTokenModel)(successor).eval()
+
+    prompts = [tiny_tokenizer("x=")["input_ids"], tiny_tokenizer("ya")["input_ids"]]
+    kwargs = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=3,
+                  tokenizer=tiny_tokenizer)  # fmt: skip
+    plain = generate(model(), prompts, **kwargs)
+    assert plain.texts == [["12\nQ: "], ["bcdefg"]]  # 6 new tokens
+    stopped = generate(model(), prompts, stop=["\nQ:"], **kwargs)
+    assert stopped.texts == [["12"], ["bcdefg"]]
+    assert stopped.completion_ids[0][0] == [ids(c) for c in "12\nQ:"]  # through the stop
+    assert stopped.finished == [[True], [False]]
+    by_id = generate(model(), prompts, stop=[ids("\n")], **kwargs)  # a stop token id
+    assert by_id.texts == [["12"], ["bcdefg"]]
+    assert by_id.completion_ids[0][0] == [ids(c) for c in "12\n"]
+    assert by_id.finished == [[True], [False]]
+
+
+def test_stop_sequences_are_checked() -> None:
+    from lrkd.generation.stops import StopSequences
+
+    assert StopSequences.of(["a", 5, "a"]) == StopSequences(("a",), frozenset({5}))
+    assert not StopSequences.of(None) and StopSequences.of("x").strings == ("x",)
+    bad_stops = (([""], "empty"), ([-1], "negative"), ([1.5], "neither"), ([True], "neither"))
+    for bad, match in bad_stops:
+        with pytest.raises(ValueError, match=match):
+            StopSequences.of(bad)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(NextTokenModel({}).eval(), [[5]], eos_token_id=EOS, stop=["x"])
+
+
 # --------------------------------------------------------------------------- 7. errors
 @pytest.mark.parametrize(
     ("kwargs", "match"),
