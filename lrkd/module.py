@@ -319,9 +319,10 @@ class DistillationModule(LightningModule):
             # get their gradients in backward like any parameter. The cost: weights are
             # generated per micro-batch rather than per optimizer step.
             self.student.cache_weights = False
-            log.info("lrkd: %d processes: the student generates its weights in the autograd "
-                     "graph (cache_weights off) so that DDP synchronises the projections' "
-                     "gradients", trainer.world_size)  # fmt: skip
+            why = ("FSDP2 gathers the teacher inside the forward" if sharded else
+                   "DDP synchronises the projections' gradients")  # fmt: skip
+            log.info("lrkd: %d process(es): the student generates its weights in the autograd "
+                     "graph (cache_weights off) so that %s", trainer.world_size, why)  # fmt: skip
 
     def configure_model(self) -> None:
         """Under :class:`lrkd.distributed.FSDP2Strategy` (or Lightning's
