@@ -120,12 +120,10 @@ class LowRankClone(nn.Module):
         )  # fmt: skip
         self._teacher = [teacher]  # a reference, deliberately not a registered submodule
         self.hidden_size = hidden_size
+        #: The clone terms every layer computes, and how.
         self.clone = CloneTerms(
             tuple(clone_terms), clone_loss == "relative_mse", clone_target_grad, attn_out_space
         )
-        self.clone_terms = self.clone.terms
-        self.clone_loss = clone_loss
-        self.clone_target_grad = clone_target_grad
         self.gradient_checkpointing = gradient_checkpointing
         self.cache_weights = cache_weights
         teacher_tied = bool(getattr(t_config, "tie_word_embeddings", False))
