@@ -9,6 +9,8 @@ r* = c * sqrt(N) suggests and the teacher's spectral tail at each width.
 ``lrkd prepare`` tokenises and packs records ahead of time; ``lrkd cache-teacher`` runs the
 teacher once over prepared data and stores its top-k log-probabilities, so that ``lrkd fit`` with
 ``model.teacher_cache`` trains without loading it.
+``lrkd eval --model DIR|CKPT|NAME --tasks [..] --compare TEACHER`` scores models with
+lm-evaluation-harness (the ``eval`` extra).
 ``lrkd env`` prints the versions and hardware a bug report needs; ``lrkd --version`` lrkd's.
 """
 
@@ -27,7 +29,6 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lrkd import __version__
-from lrkd.callbacks.export import check_empty_dir, export_student
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.preemption import Preempted, PreemptionCheckpoint
 from lrkd.checkpointing import AtomicCheckpointIO
@@ -37,12 +38,13 @@ from lrkd.data.teacher_cache import TEACHER_DIR, read_teacher_cache
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
-from lrkd.errors import setting_error, short_message
+from lrkd.errors import MissingDependency, setting_error, short_message
+from lrkd.export import export, read_checkpoint
 from lrkd.hardware import auto_precision
 from lrkd.models.teachers import load_teacher
 from lrkd.module import RENAMED as MODEL_RENAMED
 from lrkd.module import DistillationModule
-from lrkd.preflight import check_hardware, check_trainer, check_writable, resume_differences
+from lrkd.preflight import check_hardware, check_trainer, resume_differences
 
 log = logging.getLogger("lrkd")
 
@@ -177,113 +179,6 @@ class LRKDCLI(LightningCLI):
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from err
-
-
-def export(
-    ckpt_path: str,
-    out: str,
-    teacher: str | None = None,
-    dtype: str = "float32",
-    overwrite: bool = False,
-) -> Path:
-    """Write the student of a ``lrkd fit`` checkpoint as a Hugging Face model directory.
-
-    The student is rebuilt from the config recorded in the checkpoint, its trained weights are
-    loaded, a low-rank clone is multiplied out into a plain model, and the model is written
-    with the teacher's tokenizer. The result loads with ``AutoModelForCausalLM.from_pretrained``
-    without lrkd.
-
-    Args:
-        ckpt_path: a checkpoint written by ``lrkd fit`` (e.g. ``runs/x/checkpoints/last.ckpt``):
-            a file, or the folder of a sharded checkpoint (FSDP2 with
-            ``save_distributed_checkpoint: true``), which is read in this one process (the
-            whole checkpoint must fit in CPU memory).
-        out: the output directory: new or empty, unless ``overwrite``.
-        teacher: load the teacher from here instead of the location recorded in the
-            checkpoint (e.g. after moving to another machine).
-        dtype: dtype of the written weights: ``float32`` or ``bfloat16``.
-        overwrite: write into a non-empty ``out``, replacing the files the export writes (other
-            files there are never changed or deleted).
-    """
-    import tempfile
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype={dtype!r}; choose float32 or bfloat16.")
-    if not overwrite:  # before the (slow) load
-        check_empty_dir(Path(out), "--out")
-    check_writable(Path(out), "--out")
-    path = Path(ckpt_path)
-    if path.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            single = _single_file(path, Path(tmp) / "checkpoint.ckpt")
-            written = _export_file(single, ckpt_path, out, teacher, dtypes[dtype], overwrite)
-    elif path.is_file():
-        written = _export_file(path, ckpt_path, out, teacher, dtypes[dtype], overwrite)
-    else:
-        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r}: no such checkpoint file or folder.")
-    logging.getLogger("lrkd").warning("lrkd: exported the student of %s to %s", ckpt_path, written)
-    return written
-
-
-def _export_file(
-    path: Path, name: str, out: str, teacher: str | None, dtype: Any, overwrite: bool
-) -> Path:
-    # mmap: only the hyperparameters are read here; the weights are loaded once, below.
-    hparams = read_checkpoint(path, "--ckpt_path").get("hyper_parameters", {})
-    if "student" not in hparams:
-        raise ValueError(
-            f"{name} does not record how its student was built (it was not written by "
-            "`lrkd fit`). Load the module in Python and call "
-            "lrkd.callbacks.export.export_student(module.student, out, tokenizer)."
-        )
-    overrides: dict[str, Any] = {"teacher_dtype": "float32"}
-    if teacher is not None:
-        overrides["teacher"] = teacher
-    module = DistillationModule.load_from_checkpoint(path, map_location="cpu", **overrides)
-    return export_student(module.student, out, module.tokenizer, dtype=dtype, overwrite=overwrite)
-
-
-def read_checkpoint(path: Path, field: str) -> dict[str, Any]:
-    """The checkpoint file ``path``, memory-mapped (the weights are read only when touched).
-
-    Raises:
-        ValueError: naming ``field``: the file is truncated, still being written, or not a
-            Lightning checkpoint.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise ValueError(
-            f"{field}={str(path)!r} is not a readable checkpoint (truncated, still being written, "
-            "or another kind of file); give a .ckpt written by lrkd fit."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"{field}={str(path)!r} is not a Lightning checkpoint (no state_dict); give a .ckpt "
-            "written by lrkd fit."
-        )
-    return checkpoint
-
-
-def _single_file(folder: Path, target: Path) -> Path:
-    """Gather a sharded checkpoint folder (torch.distributed.checkpoint shards + Lightning's
-    ``meta.pt``) into one checkpoint file with the model weights, in this process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    meta = folder / "meta.pt"  # Lightning's metadata file: hyperparameters, loops, callbacks
-    if not meta.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path={str(folder)!r} is a folder without meta.pt; give a checkpoint file, or "
-            "a sharded checkpoint folder written by `lrkd fit` under FSDP2."
-        )
-    weights = target.with_name("weights.pt")
-    dcp_to_torch_save(folder, weights)
-    checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = torch.load(weights, map_location="cpu")["state_dict"]
-    weights.unlink()
-    torch.save(checkpoint, target)
-    return target
 
 
 def _function_main(function: Any, prog: str, description: str, argv: list[str]) -> Any:
@@ -479,12 +374,13 @@ SUBCOMMANDS: dict[str, str] = {
     "cache-teacher": "store the teacher's top-k log-probs over prepared data (--prepared, --out)",
     "export": "write a checkpoint's student as a plain Hugging Face model (--ckpt_path, --out)",
     "rank": "suggest a student width for a token budget (--teacher, --num_tokens)",
+    "eval": "score models with lm-evaluation-harness, side by side (--model, --tasks, --compare)",
     "env": "versions, CPU/GPU capabilities and lrkd's supported ranges, for bug reports",
 }
 
 
 #: The subcommands that are one function (:func:`_functions`).
-FUNCTIONS = ("export", "prepare", "cache-teacher", "rank")
+FUNCTIONS = ("export", "prepare", "cache-teacher", "rank", "eval")
 
 
 def _functions() -> dict[str, tuple[Any, str]]:
@@ -492,6 +388,7 @@ def _functions() -> dict[str, tuple[Any, str]]:
     data commands' modules are imported only when one of them runs."""
     from lrkd.data.cache_teacher import cache_teacher_command
     from lrkd.data.prepare import prepare_command
+    from lrkd.evaluation.command import eval_command
 
     return {
         "export": (export, "Write the student of a `lrkd fit` checkpoint as a plain Hugging Face "
@@ -502,6 +399,8 @@ def _functions() -> dict[str, tuple[Any, str]]:
                           "store its top-k log-probs, for lrkd fit with model.teacher_cache."),
         "rank": (rank, "Suggest a student width for a token budget, with the teacher's spectral "
                  "tail at each width."),
+        "eval": (eval_command, "Score a model (exported student, checkpoint or teacher) with "
+                 "lm-evaluation-harness, optionally beside another."),
     }  # fmt: skip
 
 
@@ -519,7 +418,7 @@ def usage() -> str:
     )
 
 
-def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
+def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | dict[str, Any] | None:
     """Entry point of the ``lrkd`` console script.
 
     Args:
@@ -529,7 +428,8 @@ def main(args: ArgsType = None) -> LRKDCLI | Path | RankReport | None:
             ``["rank", "--teacher", "smollm2-135m-instruct", "--num_tokens", "1e8"]``.
 
     Returns:
-        The LightningCLI, for ``export`` the written directory, for ``rank`` the report,
+        The LightningCLI, for ``export`` the written directory, for ``rank`` the report, for
+        ``eval`` the scores per model,
         ``None`` for ``env``, ``--version`` and ``--help``.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -595,7 +495,7 @@ def console_main() -> None:
     except Preempted:
         close_process_group()  # every rank stopped at the same step, after the same save
         raise
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MissingDependency) as err:
         cause = setting_error(err)
         if cause is None or os.environ.get("LRKD_TRACEBACK"):
             raise

@@ -12,7 +12,7 @@ import re
 import traceback
 from pathlib import Path
 
-__all__ = ["MAX_LINE", "setting_error", "short_message"]
+__all__ = ["MAX_LINE", "MissingDependency", "setting_error", "short_message"]
 
 #: The longest error line ``lrkd`` prints; longer messages are cut with an ellipsis.
 MAX_LINE = 300
@@ -63,3 +63,8 @@ def setting_error(error: BaseException) -> BaseException | None:
             found = current
         current = current.__cause__ or current.__context__
     return found
+
+
+class MissingDependency(RuntimeError):
+    """An optional dependency that a setting needs is not installed; the message gives the pip
+    command that installs it."""
