@@ -60,6 +60,7 @@ from lrkd.data.problems import (
 )
 from lrkd.data.resumable import ResumableSampler
 from lrkd.data.sampling_settings import check_sampling
+from lrkd.data.stops import StopSequences
 from lrkd.data.tokens import (
     pad_collate,
     prompt_response_example,
@@ -637,6 +638,10 @@ def _check_settings(
                    "data.rollouts.")  # fmt: skip
     check_sampling(responses.max_new_tokens, responses.temperature, 1.0,
                    "data.teacher_responses.")  # fmt: skip
+    try:
+        StopSequences.of(rollouts.stop)
+    except ValueError as err:
+        raise ValueError(f"data.rollouts.{err}") from err
 
 
 def _check_unique_ids(problems: Sequence[Problem]) -> None:

@@ -52,9 +52,11 @@ class Rollouts:
         top_p: nucleus-sampling mass.
         max_new_tokens: the longest sampled answer.
         batch_size: sequences per generation forward pass.
-        stop: stop strings: an answer ends where one first appears and is verified without
-            it (e.g. ``["\\nQuestion:"]``, so that a number in a question the model goes on
-            to write is not read as its answer); also used for validation pass@1.
+        stop: stop strings or token ids: an answer ends where one first appears and is
+            verified without it (e.g. ``["\\n\\n", "Question:"]``, so that a number in a
+            question the model goes on to write is not read as its answer); also used for
+            validation pass@1. lrkd's lm-eval problem tasks stop at ``["\\n\\n",
+            "Question:"]`` with ``max_new_tokens: 64`` (docs/evaluate.md).
     """
 
     num_samples: int = 8
@@ -62,7 +64,7 @@ class Rollouts:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 32
-    stop: list[str] | None = None
+    stop: list[str | int] | None = None
 
 
 @dataclass(frozen=True)

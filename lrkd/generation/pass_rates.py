@@ -59,7 +59,7 @@ def count_correct(
         reduce_sum: sums a tensor over processes; required when ``world_size > 1``.
         progress: show a progress bar (a string labels it).
         stop: stop strings or token ids: each answer ends at the first and is verified without
-            it (:class:`lrkd.generation.stops.StopSequences`).
+            it (:class:`lrkd.data.stops.StopSequences`).
 
     Returns:
         The number of accepted samples of every problem [N] (int64, on the CPU).

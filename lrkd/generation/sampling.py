@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from lrkd._compat import forward_with_kv_cache, supports_kv_cache
 from lrkd.data.sampling_settings import check_sampling
+from lrkd.data.stops import StopSequences
 from lrkd.distributed import gathered_copy, is_sharded
-from lrkd.generation.stops import StopSequences
 from lrkd.models.protocols import Materializable
 from lrkd.models.students import model_logits
 from lrkd.seeds import row_seed
@@ -222,7 +222,7 @@ def generate(
             processes.
         tokenizer: when given, the completions are also decoded into ``Rollouts.texts``.
         progress: show a progress bar (a string is used as its label).
-        stop: stop strings and/or token ids (:class:`~lrkd.generation.stops.StopSequences`):
+        stop: stop strings and/or token ids (:class:`~lrkd.data.stops.StopSequences`):
             a completion also ends where one first appears, and its text is cut before it.
             Stop strings need ``tokenizer``.
 

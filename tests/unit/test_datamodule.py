@@ -241,3 +241,15 @@ def test_pacing_state_survives_a_checkpoint(tmp_path, tiny_teacher_dir) -> None:
     fresh.restore_pass_rates()
     assert fresh.rounds == dm.rounds == 1
     torch.testing.assert_close(fresh.loss_weights(), dm.loss_weights())
+
+
+def test_rollout_stop_sequences_are_checked_when_built() -> None:
+    from lrkd.data.datamodule import DistillDataModule
+    from lrkd.data.paced_settings import Rollouts
+
+    with pytest.raises(ValueError, match=r"data\.rollouts\.stop: an empty stop string"):
+        DistillDataModule(rollouts=Rollouts(stop=["\n\n", ""]))
+    with pytest.raises(ValueError, match=r"data\.rollouts\.stop: token id -1 is negative"):
+        DistillDataModule(rollouts=Rollouts(stop=[-1]))
+    dm = DistillDataModule(rollouts=Rollouts(stop=["\n\n", "Question:", 2]))
+    assert dm.rollouts.stop == ["\n\n", "Question:", 2]

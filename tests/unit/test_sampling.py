@@ -550,7 +550,7 @@ def test_stop_strings_end_a_completion_and_cut_its_text(tiny_tokenizer, cached: 
 
 
 def test_stop_sequences_are_checked() -> None:
-    from lrkd.generation.stops import StopSequences
+    from lrkd.data.stops import StopSequences
 
     assert StopSequences.of(["a", 5, "a"]) == StopSequences(("a",), frozenset({5}))
     assert not StopSequences.of(None) and StopSequences.of("x").strings == ("x",)
