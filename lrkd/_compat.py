@@ -10,6 +10,11 @@ that names the package and its version.
 Supported ranges (``pyproject.toml``; ``constraints.txt`` is the exact set last verified, and
 ``.ci/run`` tests the lower bounds and the newest releases too): torch >= 2.11, transformers
 >= 5.17, lightning >= 2.6, jsonargparse >= 4.39.
+
+lm-evaluation-harness (the optional ``eval`` extra, >= 0.4.13) is called from one module only,
+:mod:`lrkd.evaluation.harness`, through its public API (``simple_evaluate``, ``TaskManager``,
+``HFLM``); its logger names there are the one version-sensitive detail (a rename only makes
+lm-eval chattier).
 """
 
 from __future__ import annotations

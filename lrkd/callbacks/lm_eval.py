@@ -42,6 +42,7 @@ from lrkd.evaluation.harness import (
     task_manager,
 )
 from lrkd.generation.sampling import generation_model
+from lrkd.models.protocols import Materializable
 
 log = logging.getLogger("lrkd")
 
@@ -102,11 +103,8 @@ class LMEvalCallback(Callback):
         if not tasks:
             raise ValueError(f"{_FIELD}.tasks: give at least one task, e.g. [lrkd_arithmetic]")
         self.tasks = list(tasks)
-        self.every_n_steps, self.at_fit_start, self.at_fit_end = (
-            every_n_steps,
-            at_fit_start,
-            at_fit_end,
-        )
+        self.every_n_steps = every_n_steps
+        self.at_fit_start, self.at_fit_end = at_fit_start, at_fit_end
         self.teacher = teacher
         self.settings = EvalSettings(
             batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
@@ -117,6 +115,7 @@ class LMEvalCallback(Callback):
         self._manager: Any = None
         self._last_step: int | None = None
         self._teacher_scores: dict[str, float] | None = None
+        self._teacher_scored = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the module and load every task once, so that a bad task fails before
@@ -128,6 +127,19 @@ class LMEvalCallback(Callback):
                 f"{_FIELD} needs a LightningModule with .student, .teacher and a .tokenizer (e.g. "
                 f"lrkd.module.DistillationModule with a teacher given by name), not "
                 f"{type(pl_module).__name__}"
+            )
+        from transformers import PreTrainedModel
+
+        if not isinstance(pl_module.student, (PreTrainedModel, Materializable)):
+            raise TypeError(
+                f"{_FIELD} evaluates Hugging Face models; the student is a "
+                f"{type(pl_module.student).__name__}. Export it and use lrkd eval."
+            )
+        if self.teacher and not isinstance(pl_module.teacher, PreTrainedModel):
+            raise TypeError(
+                f"{_FIELD}.teacher=true needs a Hugging Face teacher; this one is a "
+                f"{type(pl_module.teacher).__name__} (a teacher cache?). Score the teacher with "
+                "lrkd eval --model TEACHER instead."
             )
         self._manager = task_manager(self.include_path, field=f"{_FIELD}.include_path")
         check_tasks(self.tasks, self._manager, field=f"{_FIELD}.tasks")
@@ -157,8 +169,10 @@ class LMEvalCallback(Callback):
         step = trainer.global_step
         self._last_step = step
         models = {"": pl_module.student}
-        if self.teacher and self._teacher_scores is None:
+        # Decided alike on every rank: under FSDP2 each model is gathered by all ranks together.
+        if self.teacher and not self._teacher_scored:
             models["_teacher"] = pl_module.teacher
+            self._teacher_scored = True
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         for suffix, module in models.items():
@@ -170,7 +184,7 @@ class LMEvalCallback(Callback):
         if not trainer.is_global_zero:
             trainer.strategy.barrier("lrkd_lm_eval")
             return {}
-        if self.teacher and self._teacher_scores is None:
+        if "_teacher" in models:
             self._teacher_scores = {k: v for k, v in metrics.items() if k.endswith("_teacher")}
         metrics["eval/seconds"] = time.perf_counter() - start
         for logger in trainer.loggers:
@@ -184,13 +198,6 @@ class LMEvalCallback(Callback):
     def _scores(
         self, trainer: Trainer, model: nn.Module, pl_module: EvaluatedModule
     ) -> dict[str, float]:
-        from transformers import PreTrainedModel
-
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"{_FIELD} evaluates Hugging Face models; this one is a {type(model).__name__}. "
-                "Export it first (lrkd export) and use lrkd eval."
-            )
         with _kept_state(model), trainer.precision_plugin.forward_context():
             results = evaluate(
                 model, self.tasks, self._manager, self.settings, tokenizer=pl_module.tokenizer
@@ -204,6 +211,7 @@ class LMEvalCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (a resumed run does not score the teacher again)."""
         self._teacher_scores = state_dict.get("teacher_scores")
+        self._teacher_scored = self._teacher_scores is not None
         self._last_step = state_dict.get("last_step")
 
 

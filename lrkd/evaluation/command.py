@@ -29,9 +29,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def eval_command(
     model: str,
-    tasks: list[str] = ["lrkd_arithmetic"],  # noqa: B006 - jsonargparse needs a literal
+    tasks: list[str] | str = "lrkd_arithmetic",
     compare: str | None = None,
-    include_path: list[str] | None = None,
+    include_path: list[str] | str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
@@ -55,10 +55,11 @@ def eval_command(
         model: what to evaluate: an exported student or any Hugging Face model directory, a
             ``lrkd fit`` checkpoint (file, or sharded folder; exported on the fly), a built-in
             teacher name (e.g. ``smollm2-135m-instruct``) or a hub id.
-        tasks: lm-eval task names (e.g. ``[lrkd_arithmetic, lrkd_corpus]``, ``[hellaswag]``).
+        tasks: lm-eval task names: a list (``"[lrkd_arithmetic, lrkd_corpus]"``) or one string,
+            comma-separated as lm-eval's own command takes them (``lrkd_arithmetic,hellaswag``).
         compare: a second model (same forms as ``model``), e.g. the teacher; both are scored on
             the same items and shown side by side with the ratio model / compare.
-        include_path: folders of task YAML files of your own.
+        include_path: a folder of task YAML files of your own, or a list of them.
         limit: evaluate only the first this many items of each task (``None``: all).
         batch_size: sequences per forward pass.
         num_fewshot: few-shot examples per prompt (``None``: each task's own).
@@ -82,7 +83,8 @@ def eval_command(
         batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
         apply_chat_template=apply_chat_template, log_samples=log_samples,
     )  # fmt: skip
-    manager = task_manager(include_path or [])
+    tasks = _as_list(tasks)
+    manager = task_manager(_as_list(include_path))
     check_tasks(tasks, manager)
     refs = {"--model": model} | ({"--compare": compare} if compare is not None else {})
     names = _names(list(refs.values()))
@@ -138,6 +140,15 @@ def _names(refs: list[str]) -> list[str]:
     if len(names) == 2 and names[0] == names[1]:
         names = ["model", "compare"]
     return names
+
+
+def _as_list(value: list[str] | str | None) -> list[str]:
+    """A list argument that may also be given as one comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return list(value)
 
 
 def _write_json(path: Path, content: Any) -> None:

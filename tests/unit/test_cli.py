@@ -150,8 +150,8 @@ def test_top_level_help_lists_every_subcommand(capsys) -> None:
 
     assert main(["--help"]) is None
     out = capsys.readouterr().out
-    names = ("fit", "validate", "test", "predict", "prepare", "cache-teacher", "export", "rank",
-             "env")  # fmt: skip
+    names = ("fit", "validate", "test", "predict", "prepare", "cache-teacher", "export", "eval",
+             "rank", "env")  # fmt: skip
     for name in names:
         assert f"\n  {name} " in out, name
     assert set(SUBCOMMANDS) == {
@@ -162,6 +162,7 @@ def test_top_level_help_lists_every_subcommand(capsys) -> None:
         "prepare",
         "cache-teacher",
         "export",
+        "eval",
         "rank",
         "env",
     }

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrkd.callbacks.lm_eval import LMEvalCallback
@@ -303,3 +304,48 @@ def test_eval_of_a_checkpoint_beside_its_teacher(tmp_path, tiny_teacher_dir, cap
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     direct = evaluate(model, ["lrkd_corpus"], manager, EvalSettings(limit=4), tokenizer=tokenizer)
     assert scores(direct)["lrkd_corpus/word_perplexity"] == pytest.approx(b, rel=1e-5)
+
+
+def test_callback_refuses_models_lm_eval_cannot_run(tiny_teacher_dir) -> None:
+    from lightning.pytorch import LightningModule
+
+    class Module(LightningModule):
+        def __init__(self, student, teacher) -> None:
+            super().__init__()
+            self.student, self.teacher, self.tokenizer = student, teacher, object()
+
+    hf = make_tiny_llama()
+    callback = LMEvalCallback(tasks=["lrkd_arithmetic"])
+    with pytest.raises(TypeError, match=r"the student is a Linear\. Export it and use lrkd eval"):
+        callback.setup(None, Module(torch.nn.Linear(2, 2), hf), "fit")
+    with pytest.raises(TypeError, match=r"needs a LightningModule with \.student, \.teacher"):
+        callback.setup(None, LightningModule(), "fit")
+    with_teacher = LMEvalCallback(tasks=["lrkd_arithmetic"], teacher=True)
+    with pytest.raises(TypeError, match=r"LMEvalCallback\.teacher=true needs a Hugging Face"):
+        with_teacher.setup(None, Module(hf, torch.nn.Linear(2, 2)), "fit")
+
+
+def test_a_task_folder_of_your_own(tmp_path, tiny_teacher_dir) -> None:
+    """``--include_path``: a task YAML over a local JSONL file (the first built-in corpus
+    documents of lrkd_corpus) scores what lrkd_corpus scores on those documents."""
+    from lrkd.data.corpus import builtin_corpus
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus(4, seed=1234)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_docs.yaml").write_text(yaml.safe_dump({
+        "task": "my_docs", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(docs)}},
+        "output_type": "loglikelihood_rolling", "test_split": "test",
+        "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                         "higher_is_better": False}],
+    }))  # fmt: skip
+    found = main(["eval", "--model", str(tiny_teacher_dir), "--include_path", str(tasks),
+                  "--tasks", "[my_docs, lrkd_corpus]", "--limit", "4",
+                  "--device", "cpu"])  # fmt: skip
+    (scored,) = found.values()
+    assert scored["my_docs/word_perplexity"] == pytest.approx(
+        scored["lrkd_corpus/word_perplexity"], rel=1e-6
+    )
