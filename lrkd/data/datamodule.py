@@ -55,6 +55,7 @@ from lrkd.data.problems import (
     KINDS,
     Problem,
     builtin_problems,
+    excluded_prompts,
     read_problems,
     split_problems,
 )
@@ -144,10 +145,15 @@ class DistillDataModule(LightningDataModule):
             ``response``). ``None`` uses the built-in arithmetic generator.
         val_files: held-out problem files; ``None`` holds out ``val_fraction`` of the training
             problems.
-        num_problems: size of the built-in problem set.
+        num_problems: size of the built-in problem set (before ``exclude``).
         problem_kinds: kinds of built-in problems: ``add``, ``sub``, ``mul``, ``word``.
         difficulties: difficulty levels of built-in problems (1 easiest .. 5).
         val_fraction: share of the problems held out when ``val_files`` is None.
+        exclude: problem sets kept out of training and validation (decontamination): any
+            problem whose prompt is also in one of them is dropped, and the count is logged.
+            JSONL problem files, or the built-in evaluation sets by name (``lrkd_arithmetic``,
+            ``lrkd_word``: the items ``lrkd eval`` scores), so that a later evaluation is on
+            held-out items.
         tokenizer: the teacher's tokenizer: a built-in name, local directory or hub id (``lrkd
             fit`` fills in ``model.teacher`` when it is a name and this is left out).
         chat_template: format each prompt as a user turn of the tokenizer's chat template
@@ -208,6 +214,7 @@ class DistillDataModule(LightningDataModule):
         problem_kinds: list[str] = list(KINDS),  # noqa: B006 - jsonargparse needs a literal
         difficulties: list[int] = list(DIFFICULTIES),  # noqa: B006
         val_fraction: float = 0.1,
+        exclude: list[str] | None = None,
         tokenizer: str | None = None,
         chat_template: bool = True,
         prompt_template: str = "{prompt}",
@@ -241,6 +248,8 @@ class DistillDataModule(LightningDataModule):
         self.train_files, self.val_files = train_files, val_files
         self.num_problems, self.problem_kinds = num_problems, list(problem_kinds)
         self.difficulties, self.val_fraction = list(difficulties), val_fraction
+        self.exclude = list(exclude or [])
+        self._excluded = excluded_prompts(self.exclude)  # a bad entry fails before any model
         self.tokenizer_name, self.chat_template = tokenizer, chat_template
         self.prompt_template = prompt_template
         self.teacher_prompt_template = teacher_prompt_template
@@ -280,8 +289,11 @@ class DistillDataModule(LightningDataModule):
             problems = builtin_problems(
                 self.num_problems, self.seed, self.problem_kinds, self.difficulties
             )
+        val_given = [p for f in self.val_files or [] for p in read_problems(f)]
+        if self.exclude:
+            problems, val_given = self._decontaminated(problems), self._decontaminated(val_given)
         if self.val_files:
-            train, val = problems, [p for f in self.val_files for p in read_problems(f)]
+            train, val = problems, val_given
         else:
             train, val = split_problems(problems, self.val_fraction, self.seed)
         _check_unique_ids(train + val)
@@ -296,6 +308,17 @@ class DistillDataModule(LightningDataModule):
         for split, problems in (("train", train), ("val", val)):
             self._responses[split] = self._dataset_responses(split, problems)
         self._leave_out_overlong()
+
+    def _decontaminated(self, problems: list[Problem]) -> list[Problem]:
+        """``problems`` without those whose prompt is in a set of ``exclude``."""
+        kept = [p for p in problems if p.prompt.strip() not in self._excluded]
+        if not kept and problems:
+            raise ValueError(f"data.exclude leaves none of the {len(problems)} problems; give "
+                             "more problems or other sets to exclude")  # fmt: skip
+        if len(kept) < len(problems):
+            log.info("data.exclude: left out %d of %d problems that %s also hold",
+                     len(problems) - len(kept), len(problems), ", ".join(self.exclude))  # fmt: skip
+        return kept
 
     def _leave_out_overlong(self) -> None:
         """Refuse or drop (``overlong``) the problems whose student prompt leaves no room for a

@@ -472,6 +472,47 @@ _GENERATORS: dict[str, Callable[[random.Random, int], tuple[str, int]]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# Held-out evaluation sets
+
+#: The built-in problem sets that ``lrkd eval`` scores (lm-eval tasks of the same names,
+#: ``lrkd/evaluation/tasks/*.yaml``): :func:`builtin_problems` arguments.
+EVAL_SETS: dict[str, dict[str, Any]] = {
+    "lrkd_arithmetic": {"kinds": ["add", "sub", "mul"], "num_problems": 250, "seed": 1234},
+    "lrkd_word": {"kinds": ["word"], "num_problems": 250, "seed": 1234},
+}
+
+
+def excluded_prompts(sources: Sequence[str], field: str = "data.exclude") -> set[str]:
+    """The prompts of problem sets that training data must not contain.
+
+    Args:
+        sources: JSONL problem files, or names of the built-in evaluation sets
+            (:data:`EVAL_SETS`: ``lrkd_arithmetic``, ``lrkd_word``).
+        field: the config field, named in error messages.
+
+    Returns:
+        Every prompt of those sets, stripped of surrounding white space.
+
+    Raises:
+        FileNotFoundError: a source is neither a set's name nor an existing file.
+    """
+    prompts: set[str] = set()
+    for source in sources:
+        if source in EVAL_SETS:
+            spec = EVAL_SETS[source]
+            problems = builtin_problems(spec["num_problems"], spec["seed"], spec["kinds"])
+        elif Path(source).is_file():
+            problems = read_problems(source)
+        else:
+            raise FileNotFoundError(
+                f"{field}: {source!r} is neither a problem file nor a built-in evaluation set "
+                f"({', '.join(EVAL_SETS)})"
+            )
+        prompts.update(p.prompt.strip() for p in problems)
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------
 # Splitting
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lrkd._compat import derived_config
+from lrkd.models.teachers import resolve_model_path
 
 
 class StudentBuilder:
@@ -199,4 +200,38 @@ class TeacherCopy(StudentBuilder):
     def __call__(self, teacher: nn.Module) -> nn.Module:
         """Return the copy (fp32, train mode, every parameter trainable)."""
         student = copy.deepcopy(teacher).to(torch.float32)
+        return student.train().requires_grad_(True)
+
+
+class Pretrained(StudentBuilder):
+    """A pretrained Hugging Face causal LM as the student: the exported student of an earlier
+    ``lrkd fit`` (to go on from it with other data or another loss), or a smaller model that
+    shares the teacher's tokenizer.
+
+    The model is loaded in fp32, in train mode, every parameter trainable. Its vocabulary must
+    cover the teacher's tokenizer: a student with fewer output rows than the teacher's tokenizer
+    has tokens is refused by name.
+
+    Args:
+        path: a local Hugging Face model directory (e.g. ``runs/my_run/student``), a built-in
+            name or a hub id.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, teacher: nn.Module) -> nn.Module:
+        """Load the student and check its vocabulary against the teacher's."""
+        from transformers import AutoModelForCausalLM
+
+        source = resolve_model_path(self.path, field="model.student.path")
+        student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        teacher_config = getattr(teacher, "config", None)
+        ours, theirs = output_vocab_size(student), getattr(teacher_config, "vocab_size", None)
+        if ours is not None and theirs is not None and ours < theirs:
+            raise ValueError(
+                f"model.student.path={self.path!r} has {ours} output tokens, fewer than "
+                f"the teacher's {theirs}: give a student that shares the teacher's "
+                "tokenizer."
+            )
         return student.train().requires_grad_(True)

@@ -326,3 +326,43 @@ def test_export_names_an_unreadable_checkpoint(tmp_path, content) -> None:
     with pytest.raises(ValueError, match=r"--ckpt_path='.*bad\.ckpt' is not a readable checkpoint"):
         main(["export", "--ckpt_path", str(path), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_fit_goes_on_from_the_exported_student(tmp_path, tiny_teacher_dir) -> None:
+    """The recipes' hand-over: stage 2's student is stage 1's export (``Pretrained``)."""
+    from lrkd.models.students import Pretrained
+    from lrkd.models.teachers import load_teacher
+
+    for stage in ("one", "two"):
+        (tmp_path / stage).mkdir()
+    main(["fit", "--config", _config(tmp_path / "one", tiny_teacher_dir)])
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "student")
+    teacher = load_teacher(str(tiny_teacher_dir))
+    loaded = Pretrained(str(tmp_path / "one" / "student"))(teacher)
+    assert loaded.training and all(p.requires_grad for p in loaded.parameters())
+    expected = first.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+    student = {"class_path": "lrkd.models.students.Pretrained",
+               "init_args": {"path": str(tmp_path / "one" / "student")}}  # fmt: skip
+    main(["fit", "--config", _config(tmp_path / "two", tiny_teacher_dir, student=student)])
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "student")
+    assert second.config.hidden_size == 32
+    pairs = zip(second.parameters(), first.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # six more steps trained it
+
+
+def test_a_pretrained_student_must_cover_the_teachers_vocabulary(tmp_path, tiny_teacher_dir):
+    from conftest import make_tiny_llama
+
+    from lrkd.models.students import Pretrained
+    from lrkd.models.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    make_tiny_llama(vocab_size=teacher.config.vocab_size - 1).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=r"model.student.path=.*fewer than the teacher's"):
+        Pretrained(str(tmp_path / "small"))(teacher)
+    with pytest.raises(FileNotFoundError, match=r"model\.student\.path"):
+        Pretrained(str(tmp_path / "missing"))(teacher)

@@ -253,3 +253,31 @@ def test_rollout_stop_sequences_are_checked_when_built() -> None:
         DistillDataModule(rollouts=Rollouts(stop=[-1]))
     dm = DistillDataModule(rollouts=Rollouts(stop=["\n\n", "Question:", 2]))
     assert dm.rollouts.stop == ["\n\n", "Question:", 2]
+
+
+def test_exclude_keeps_the_eval_items_out_of_training_and_validation(
+    tiny_teacher_dir, tmp_path, caplog
+) -> None:
+    from conftest import tiny_paced_datamodule
+
+    from lrkd.data.problems import excluded_prompts
+
+    held_out = excluded_prompts(["lrkd_arithmetic"])
+    plain = tiny_paced_datamodule(tiny_teacher_dir, tmp_path, num_problems=200,
+                                  problem_kinds=["add"], difficulties=[1])  # fmt: skip
+    plain.setup("fit")
+    everything = plain.train_problems + plain.val_problems
+    overlap = [p for p in everything if p.prompt in held_out]
+    assert overlap  # level-1 additions: 81 distinct, so the eval set shares many
+
+    dm = tiny_paced_datamodule(tiny_teacher_dir, tmp_path, num_problems=200,
+                               problem_kinds=["add"], difficulties=[1],
+                               exclude=["lrkd_arithmetic"])  # fmt: skip
+    with caplog.at_level("INFO", logger="lrkd"):
+        dm.setup("fit")
+    kept = dm.train_problems + dm.val_problems
+    assert not [p for p in kept if p.prompt in held_out]
+    assert len(kept) == len(everything) - len(overlap)
+    assert f"left out {len(overlap)} of 200 problems that lrkd_arithmetic also hold" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"data\.exclude"):
+        tiny_paced_datamodule(tiny_teacher_dir, tmp_path, exclude=["nope.jsonl"])

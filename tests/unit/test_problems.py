@@ -380,3 +380,30 @@ def test_split_sizes(n: int, fraction: float, n_val: int) -> None:
 def test_split_rejects_bad_fraction(fraction: float) -> None:
     with pytest.raises(ValueError, match="val_fraction must be in \\[0, 1\\)"):
         split_problems(builtin_problems(10), fraction)
+
+
+def test_eval_sets_are_the_lm_eval_tasks_items() -> None:
+    """EVAL_SETS (what data.exclude keeps out) names the same items as the task YAML files."""
+    import yaml
+
+    from lrkd.data.problems import EVAL_SETS
+    from lrkd.evaluation.builtin import TASKS_DIR
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for name, spec in EVAL_SETS.items():
+        task = yaml.load((TASKS_DIR / f"{name}.yaml").read_text(), Loader=_Loader)
+        assert task["task"] == name and task["dataset_kwargs"] == spec
+
+
+def test_excluded_prompts_from_sets_and_files(tmp_path) -> None:
+    from lrkd.data.problems import excluded_prompts
+
+    prompts = excluded_prompts(["lrkd_arithmetic"])
+    assert prompts == {p.prompt for p in builtin_problems(250, 1234, ["add", "sub", "mul"])}
+    write_problems([Problem("a", " What is 1 + 1? ", "2")], tmp_path / "mine.jsonl")
+    assert excluded_prompts([str(tmp_path / "mine.jsonl")]) == {"What is 1 + 1?"}
+    with pytest.raises(FileNotFoundError, match=r"data.exclude: 'lrkd_arith'.*lrkd_arithmetic"):
+        excluded_prompts(["lrkd_arith"])
