@@ -20,10 +20,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lrkd.distributed", "lrkd.checkpointing"),
     ("lrkd.data",),
     ("lrkd.generation",),
-    ("lrkd.objective", "lrkd.assembly", "lrkd.diagnostics"),
+    ("lrkd.objective", "lrkd.assembly", "lrkd.diagnostics", "lrkd.evaluation"),
     ("lrkd.callbacks", "lrkd.preflight"),
     ("lrkd.module",),
-    ("lrkd.cli",),
+    ("lrkd.export",),
+    ("lrkd.cli", "lrkd.evaluation.command"),
 )
 
 
