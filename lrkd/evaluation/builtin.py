@@ -19,6 +19,11 @@ task                output type      items and metric
                     rolling          1234; the quickstart trains on seed 0);
                                      ``word_perplexity``, ``byte_perplexity``,
                                      ``bits_per_byte``
+``lrkd_pydoc``      loglikelihood_   the first 1500 characters of each of the 79 topics of
+                    rolling          the Python language reference that CPython ships
+                                     (``pydoc_data.topics``): real English prose and code,
+                                     unlike anything in the built-in corpus; the same
+                                     metrics
 =================== ================ ======================================================
 
 Generation: greedy, at most 64 new tokens, stopped at ``"\\n\\n"`` or ``"Question:"`` (and at
@@ -45,13 +50,14 @@ __all__ = [
     "corpus_dataset",
     "problems_dataset",
     "process_results",
+    "pydoc_dataset",
 ]
 
 #: The folder of the built-in task YAML files.
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 #: The built-in task names.
-BUILTIN_TASKS = ("lrkd_arithmetic", "lrkd_word", "lrkd_corpus")
+BUILTIN_TASKS = ("lrkd_arithmetic", "lrkd_word", "lrkd_corpus", "lrkd_pydoc")
 
 #: The generation settings of the problem tasks (their YAML files say the same).
 STOP = ("\n\n", "Question:")
@@ -101,6 +107,34 @@ def corpus_dataset(num_documents: int = 200, seed: int = 1234, **_: Any) -> Any:
 
     texts = builtin_corpus(num_documents, seed=seed)
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
+
+
+def pydoc_dataset(max_chars: int = 1500, **_: Any) -> Any:
+    """The topics of the Python language reference that ship with CPython
+    (``pydoc_data.topics``, what ``help("assert")`` shows), each cut to its first ``max_chars``
+    characters at a line end, as a ``datasets.DatasetDict`` with one ``test`` split (columns
+    ``topic``, ``text``); lm-eval's ``custom_dataset``.
+
+    Real English prose with some code, for a held-out loss on text that lrkd's generated corpus
+    does not resemble. The text is that of the running CPython's version (3.11's: 79 topics).
+
+    Args:
+        max_chars: characters kept of each topic.
+        **_: lm-eval passes the task's metadata too; it is not used.
+    """
+    import datasets
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    texts = []
+    for name in names:
+        text = topics[name].strip()
+        if len(text) > max_chars:
+            cut = text.rfind("\n", 0, max_chars)
+            text = text[: cut if cut > 0 else max_chars].rstrip()
+        texts.append(text)
+    rows = {"topic": names, "text": texts}
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:

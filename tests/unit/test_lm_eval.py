@@ -66,6 +66,13 @@ def test_builtin_tasks_are_found_and_match_lrkd_settings(manager) -> None:
     assert [d["answer"] for d in docs] == [p.answer for p in expected]
     assert {d["kind"] for d in by_name["lrkd_word"].test_docs()} == {"word"}
     assert len(by_name["lrkd_corpus"].test_docs()) == 200
+    from pydoc_data.topics import topics
+
+    pydoc = list(by_name["lrkd_pydoc"].test_docs())
+    assert by_name["lrkd_pydoc"].config.output_type == "loglikelihood_rolling"
+    assert [d["topic"] for d in pydoc] == sorted(topics)
+    for doc in pydoc:  # each topic's first lines, cut at a line end
+        assert 0 < len(doc["text"]) <= 1500 and topics[doc["topic"]].strip().startswith(doc["text"])
     # The dataset function ignores the metadata lm-eval passes along.
     assert len(problems_dataset(num_problems=3, version=1.0)["test"]) == 3
 

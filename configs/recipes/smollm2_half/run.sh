@@ -7,7 +7,8 @@
 #   2. paced.yaml   that student, paced forward KL on the teacher's answers to arithmetic
 #                   problems (the evaluation's items left out); exports the final student
 #   3. lrkd eval    the final student against the teacher on held-out items: arithmetic
-#                   pass@1 (lrkd_arithmetic) and next-token loss on held-out text (lrkd_corpus)
+#                   pass@1 (lrkd_arithmetic), next-token loss on held-out built-in text
+#                   (lrkd_corpus) and on real text it never saw (lrkd_pydoc)
 #
 #   bash configs/recipes/smollm2_half/run.sh               # writes runs/smollm2_half_*
 #   STAGE2=two_stage bash configs/recipes/smollm2_half/run.sh   # + on-policy reverse KL
@@ -34,7 +35,7 @@ stage "2 paced distillation" lrkd fit --config "$here/$stage2.yaml" "$@"
 compare_args=()
 [ "$compare" != none ] && compare_args=(--compare "$compare")
 stage "3 evaluation" lrkd eval --model runs/smollm2_half_paced/student "${compare_args[@]}" \
-  --tasks lrkd_arithmetic,lrkd_corpus --output_path runs/smollm2_half_eval
+  --tasks lrkd_arithmetic,lrkd_corpus,lrkd_pydoc --output_path runs/smollm2_half_eval
 
 echo "=== smollm2_half: stage times ==="
 printf '%s\n' "${report[@]}"
