@@ -122,8 +122,9 @@ def pydoc_dataset(max_chars: int = 1500, **_: Any) -> Any:
         max_chars: characters kept of each topic.
         **_: lm-eval passes the task's metadata too; it is not used.
     """
-    import datasets
     from pydoc_data.topics import topics
+
+    import datasets
 
     names = sorted(topics)
     texts = []
