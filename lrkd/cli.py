@@ -38,7 +38,12 @@ from lrkd.data.teacher_cache import TEACHER_DIR, read_teacher_cache
 from lrkd.diagnostics.rank import DEFAULT_C, RankReport, rank_report
 from lrkd.distributed import close_process_group
 from lrkd.env import report as env_report
-from lrkd.errors import MissingDependency, setting_error, short_message
+from lrkd.errors import (
+    MissingDependency,
+    setting_error,
+    short_message,
+    wrapped_missing_dependency,
+)
 from lrkd.export import export, read_checkpoint
 from lrkd.hardware import auto_precision
 from lrkd.models.teachers import load_teacher
@@ -140,7 +145,7 @@ class LRKDCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError, RuntimeError) as err:
-            cause = setting_error(err)
+            cause = setting_error(err) or wrapped_missing_dependency(err)
             if cause is None or os.environ.get("LRKD_TRACEBACK"):
                 raise
             message = " ".join(str(cause).split())

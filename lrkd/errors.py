@@ -68,3 +68,17 @@ def setting_error(error: BaseException) -> BaseException | None:
 class MissingDependency(RuntimeError):
     """An optional dependency that a setting needs is not installed; the message gives the pip
     command that installs it."""
+
+    #: The last one raised in this process. jsonargparse < 4.40 keeps only the text of an error
+    #: raised while it tries a union's types (``trainer.callbacks``), not the error itself.
+    last: MissingDependency | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        MissingDependency.last = self
+
+
+def wrapped_missing_dependency(error: BaseException) -> MissingDependency | None:
+    """The :class:`MissingDependency` whose text ``error``'s message carries, if any."""
+    last = MissingDependency.last
+    return last if last is not None and str(last) in str(error) else None

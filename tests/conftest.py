@@ -141,6 +141,29 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+def save_tiny_teacher(directory):
+    """The tiny Llama teacher and its tokenizer in ``directory``, written once: the multi-process
+    scripts call this before DDP starts, so every process reads the same files."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        make_tiny_llama(seed=0).save_pretrained(directory)
+        make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def tiny_student(kind: str):
+    """The multi-process scripts' student builder: a Low-Rank Clone (``"lrc"``) or a one-layer
+    randomly initialised copy of the teacher's architecture (anything else)."""
+    from lrkd.models.lowrank import LowRankCloneBuilder
+    from lrkd.models.students import FromTeacherConfig
+
+    if kind == "lrc":
+        return LowRankCloneBuilder(hidden_size=32, init_std=0.1)
+    return FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0)
+
+
 def frozen_with_random_gains(model):
     """``model`` in eval mode and frozen, its norm gains ~ U(0.5, 1.5) and biases ~ N(0, 0.1)
     (drawn from the global RNG), so that tests see non-trivial gains and biases."""

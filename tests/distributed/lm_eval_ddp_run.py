@@ -19,28 +19,21 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import save_tiny_teacher, tiny_student
 
 from lrkd.callbacks.lm_eval import LMEvalCallback
 from lrkd.data.text import TextDataModule
 from lrkd.distributed import FSDP2Strategy, close_process_group
-from lrkd.models.lowrank import LowRankCloneBuilder
-from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
 
 def main(out_dir: str, strategy: str, student: str) -> None:
     out = Path(out_dir)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
+    teacher_dir = save_tiny_teacher(out / "teacher")  # once, before DDP starts
     seed_everything(0)
     module = DistillationModule(
         teacher=str(teacher_dir),
-        student=LowRankCloneBuilder(hidden_size=32, init_std=0.1)
-        if student == "lrc"
-        else FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        student=tiny_student(student),
         teacher_dtype="float32",
     )
     callback = LMEvalCallback(

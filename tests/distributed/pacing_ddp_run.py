@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer, tiny_paced_datamodule
+from conftest import save_tiny_teacher, tiny_paced_datamodule
 
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.data.datamodule import DistillDataModule
@@ -38,10 +38,7 @@ class Record(Callback):
 
 def main(out_dir: str, devices: int) -> None:
     out = Path(out_dir)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
+    teacher_dir = save_tiny_teacher(out / "teacher")  # once, before DDP starts
     datamodule = tiny_paced_datamodule(
         teacher_dir, out / f"cache{devices}", num_problems=30, val_fraction=0.2, num_rollouts=6,
         rollout_max_new_tokens=3, teacher_max_new_tokens=5, rollout_batch_size=8,

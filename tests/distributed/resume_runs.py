@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import save_tiny_teacher
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -48,10 +48,7 @@ def full_first_resumed(
 ) -> None:
     """For each mode: TOTAL steps, then STOP_AT steps, then the stopped run resumed from its
     step-STOP_AT checkpoint to TOTAL steps (the tiny teacher written once, before DDP starts)."""
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
+    teacher_dir = save_tiny_teacher(out / "teacher")
     for mode in modes:
         fit(out, teacher_dir, mode, "full", total, None)
         fit(out, teacher_dir, mode, "first", stop_at, None)

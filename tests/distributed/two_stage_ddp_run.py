@@ -23,14 +23,12 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 
-from conftest import make_tiny_llama, make_tokenizer, stop_after, tiny_paced_datamodule
+from conftest import save_tiny_teacher, stop_after, tiny_paced_datamodule, tiny_student
 
 from lrkd.callbacks.pacing import PassRatePacing
 from lrkd.callbacks.two_stage import TwoStageKL
 from lrkd.distributed import FSDP2Strategy, close_process_group
 from lrkd.generation.on_policy import OnPolicy
-from lrkd.models.lowrank import LowRankCloneBuilder
-from lrkd.models.students import FromTeacherConfig
 from lrkd.module import DistillationModule
 
 SWITCH_STEP = 4
@@ -56,10 +54,7 @@ def main(
     out_dir: str, name: str, stop_at: int, strategy: str, student: str, ckpt: str | None
 ) -> None:
     out = Path(out_dir)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "config.json").exists():  # written once, before DDP starts
-        make_tiny_llama(seed=0).save_pretrained(teacher_dir)
-        make_tokenizer().save_pretrained(teacher_dir)
+    teacher_dir = save_tiny_teacher(out / "teacher")  # once, before DDP starts
     seed_everything(0)
     datamodule = tiny_paced_datamodule(
         teacher_dir, out / "cache", rollout_max_new_tokens=3, teacher_max_new_tokens=5,
@@ -67,9 +62,7 @@ def main(
     )  # fmt: skip
     module = DistillationModule(
         teacher=str(teacher_dir),
-        student=LowRankCloneBuilder(hidden_size=32, init_std=0.1)
-        if student == "lrc"
-        else FromTeacherConfig(hidden_size=32, num_hidden_layers=1, seed=0),
+        student=tiny_student(student),
         teacher_dtype="float32",
         on_policy=OnPolicy(max_new_tokens=4),
     )
