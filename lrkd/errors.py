@@ -69,8 +69,9 @@ class MissingDependency(RuntimeError):
     """An optional dependency that a setting needs is not installed; the message gives the pip
     command that installs it."""
 
-    #: The last one raised in this process. jsonargparse < 4.40 keeps only the text of an error
-    #: raised while it tries a union's types (``trainer.callbacks``), not the error itself.
+    #: The last one raised in this process. jsonargparse 4.39 (the oldest supported) keeps only
+    #: the text of an error raised while it tries a union's types (``trainer.callbacks``), not
+    #: the error itself as 4.53 does.
     last: MissingDependency | None = None
 
     def __init__(self, message: str) -> None:
