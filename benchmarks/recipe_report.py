@@ -6,10 +6,11 @@ Prints a markdown table, writes ``OUT.json`` and (with matplotlib) ``OUT.png``::
 
     python benchmarks/recipe_report.py --runs runs --out docs/figures/smollm2_half
 
-Panels of the plot: held-out bits per byte on ``lrkd_corpus`` (``LMEvalCallback``, 50
-documents) of the student and the teacher over both stages; the student's greedy pass@1 on the
-stage-2 validation problems (``val/pass@1``) with the teacher's, and the final ``lrkd eval``
-scores on all 250 ``lrkd_arithmetic`` items.
+Panels of the plot: held-out bits per byte on ``lrkd_corpus`` and on ``lrkd_pydoc``
+(``LMEvalCallback``'s documents) of the student and the teacher over both stages, with the final
+``lrkd eval`` scores on all documents; the student's greedy pass@1 on the stage-2 validation
+problems (``val/pass@1``) with the teacher's, and the final ``lrkd eval`` scores on all 250
+``lrkd_arithmetic`` items.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plotting import pyplot
 
 STAGES = ("smollm2_half_clone", "smollm2_half_paced")
-BPB = "eval/lrkd_corpus/bits_per_byte"
-TAGS = (BPB, f"{BPB}_teacher", "val/ce", "val/pass@1", "val/pass@1_teacher")
+TEXT = {task: f"eval/{task}/bits_per_byte" for task in ("lrkd_corpus", "lrkd_pydoc")}
+TAGS = (*TEXT.values(), *(f"{tag}_teacher" for tag in TEXT.values()), "val/ce", "val/pass@1",
+        "val/pass@1_teacher")  # fmt: skip
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The tagged scalars of the newest ``version_*`` of a TensorBoard run directory."""
+def scalars(run_dir: Path, tags: tuple[str, ...] = TAGS) -> dict[str, list[tuple[int, float]]]:
+    """The scalars with these tags in the newest ``version_*`` of a TensorBoard run directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted(run_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -39,7 +41,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(versions[-1]), size_guidance={"scalars": 0})
     acc.Reload()
     found = set(acc.Tags()["scalars"])
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in TAGS if t in found}
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags if t in found}
 
 
 def non_embedding_parameters(model_dir: str) -> tuple[int, int]:
@@ -93,21 +95,27 @@ def _plot(curves: dict[str, dict[str, list[tuple[int, float]]]], student: dict[s
     plt = pyplot()
     if plt is None:
         return
-    fig, (text, arith) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for stage, found in curves.items():
-        steps = [s for s, _ in found.get(BPB, [])]
-        for tag, style, label in ((BPB, "o-", "student"), (f"{BPB}_teacher", "k--", "teacher")):
-            points = found.get(tag, [])
-            if tag.endswith("_teacher") and points:  # scored once: a level line over the stage
-                points = [(steps[0], points[0][1]), (steps[-1], points[0][1])] if steps else points
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (task, tag) in zip(axes, TEXT.items(), strict=False):
+        offset = 0
+        for stage, found in curves.items():
+            points = [(offset + s, v) for s, v in found.get(tag, [])]
             if points:
-                text.plot([offset + s for s, _ in points], [v for _, v in points], style,
-                          label=f"{label} ({stage.split('_')[-1]})")  # fmt: skip
-        offset += max(steps, default=0)
-    text.set_xlabel("optimizer step (stage 1, then stage 2)")
-    text.set_ylabel("bits per byte, held-out lrkd_corpus")
-    text.legend(fontsize=7)
+                ax.plot(*zip(*points, strict=True), "o-", label=f"student ({stage.split('_')[-1]})")
+            offset = max((s for s, _ in points), default=offset)
+        # The teacher is scored once (at stage 1's start): a level line over the whole run.
+        levels = [found[f"{tag}_teacher"][0][1] for found in curves.values()
+                  if found.get(f"{tag}_teacher")]  # fmt: skip
+        if levels:
+            ax.axhline(levels[0], color="k", ls="--", label="teacher")
+        for scores, marker, label in ((student, "s", "student"), (teacher, "D", "teacher")):
+            if f"{task}/bits_per_byte" in scores:
+                ax.plot([offset], [scores[f"{task}/bits_per_byte"]], marker,
+                        label=f"{label} lrkd eval (all)")  # fmt: skip
+        ax.set_xlabel("optimizer step (stage 1, then stage 2)")
+        ax.set_ylabel(f"bits per byte, held-out {task}")
+        ax.legend(fontsize=7)
+    arith = axes[2]
     paced = curves[STAGES[1]]
     if "val/pass@1" in paced:
         arith.plot(*zip(*paced["val/pass@1"], strict=True), "o-", label="student val/pass@1")

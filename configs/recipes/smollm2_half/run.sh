@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The smollm2_half recipe: distil the built-in SmolLM2-135M-Instruct into a student with half of
-# its non-embedding parameters, on one machine, end to end (docs/recipes.md):
+# its non-embedding parameters, on one machine, end to end (docs/benchmarks.md, "Halving the
+# built-in teacher"):
 #
 #   1. clone.yaml   Low-Rank Clone, activation-PCA init, on the built-in general-text corpus;
 #                   exports the student as a plain Hugging Face Llama
@@ -10,19 +11,25 @@
 #                   pass@1 (lrkd_arithmetic), next-token loss on held-out built-in text
 #                   (lrkd_corpus) and on real text it never saw (lrkd_pydoc)
 #
-#   bash configs/recipes/smollm2_half/run.sh               # writes runs/smollm2_half_*
+#   bash configs/recipes/smollm2_half/run.sh                    # writes ./runs/smollm2_half_*
 #   STAGE2=two_stage bash configs/recipes/smollm2_half/run.sh   # + on-policy reverse KL
-#   COMPARE=none bash configs/recipes/smollm2_half/run.sh  # do not score the teacher again
 #
-# Status: work in progress (issue 25); the first run's numbers and what they say are in
-# docs/benchmarks.md ("Halving the built-in teacher"). The target is not met yet.
-#
+# Everything is written under the working directory's runs/ (run it elsewhere to keep runs
+# apart; ablations.sh does). Environment:
+#   STAGE2=two_stage       stage 2 from two_stage.yaml instead of paced.yaml
+#   STAGE1_ARGS="..."      extra arguments of stage 1's lrkd fit, e.g. "--model.loss.clone_weight 0"
+#   STAGE2_ARGS="..."      the same for stage 2
+#   STAGE1=skip            keep runs/smollm2_half_clone/student from an earlier run
+#   STOP_AFTER=1           stop after stage 1 (its held-out losses are in its TensorBoard log)
+#   COMPARE=none           do not score the teacher in stage 3
 # Extra arguments go to both lrkd fit commands (e.g. --seed_everything 1). Needs the eval extra:
 # pip install -c constraints.txt -e '.[eval]'.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 stage2=${STAGE2:-paced}
 compare=${COMPARE:-smollm2-135m-instruct}
+read -r -a stage1_args <<< "${STAGE1_ARGS:-}"
+read -r -a stage2_args <<< "${STAGE2_ARGS:-}"
 t0=$SECONDS
 report=()
 stage() {
@@ -32,15 +39,28 @@ stage() {
   "$@"
   report+=("$(printf '%-28s %5d s' "$name" $((SECONDS - t)))")
 }
+finish() {
+  echo "=== smollm2_half: stage times ==="
+  printf '%s\n' "${report[@]}"
+  printf '%-28s %5d s\n' "total" $((SECONDS - t0))
+}
 
-stage "1 low-rank clone" lrkd fit --config "$here/clone.yaml" "$@"
-stage "2 paced distillation" lrkd fit --config "$here/$stage2.yaml" "$@"
+if [ "${STAGE1:-}" = skip ]; then
+  [ -f runs/smollm2_half_clone/student/config.json ] || {
+    echo "run.sh: STAGE1=skip needs runs/smollm2_half_clone/student in $PWD" >&2
+    exit 2
+  }
+else
+  stage "1 low-rank clone" lrkd fit --config "$here/clone.yaml" "${stage1_args[@]}" "$@"
+fi
+if [ "${STOP_AFTER:-}" = 1 ]; then
+  finish
+  exit 0
+fi
+stage "2 $stage2 distillation" lrkd fit --config "$here/$stage2.yaml" "${stage2_args[@]}" "$@"
 compare_args=()
 [ "$compare" != none ] && compare_args=(--compare "$compare")
 stage "3 evaluation" lrkd eval --model runs/smollm2_half_paced/student "${compare_args[@]}" \
   --tasks lrkd_arithmetic,lrkd_corpus,lrkd_pydoc --output_path runs/smollm2_half_eval
-
-echo "=== smollm2_half: stage times ==="
-printf '%s\n' "${report[@]}"
-printf '%-28s %5d s\n' "total" $((SECONDS - t0))
+finish
 echo "student: runs/smollm2_half_paced/student (loads with AutoModelForCausalLM.from_pretrained)"
