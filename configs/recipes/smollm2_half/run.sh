@@ -5,8 +5,9 @@
 #
 #   1. clone.yaml   Low-Rank Clone, activation-PCA init, on the built-in general-text corpus;
 #                   exports the student as a plain Hugging Face Llama
-#   2. paced.yaml   that student, paced forward KL on the teacher's answers to arithmetic
-#                   problems (the evaluation's items left out); exports the final student
+#   2. paced.yaml   that student, paced forward KL on the teacher's correct answers to
+#                   arithmetic problems (the evaluation's items left out); exports the final
+#                   student
 #   3. lrkd eval    the final student against the teacher on held-out items: arithmetic
 #                   pass@1 (lrkd_arithmetic), next-token loss on held-out built-in text
 #                   (lrkd_corpus) and on real text it never saw (lrkd_pydoc)
