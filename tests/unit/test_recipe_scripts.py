@@ -1,0 +1,62 @@
+"""The smollm2_half recipe's shell scripts refuse what they cannot run before they start a stage:
+an unknown ablation, no ablation at all, ``STAGE1=skip`` without a stage-1 student. A
+``lrkd`` stand-in on ``PATH`` records the commands ``run.sh`` would run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "smollm2_half"
+
+
+def _bash(script: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(RECIPE / script)], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})  # fmt: skip
+
+
+def _fake_lrkd(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``bin/lrkd`` that appends its arguments to ``calls.txt`` and succeeds."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "lrkd").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    (bin_dir / "lrkd").chmod(0o755)
+    return bin_dir, calls
+
+
+def test_ablations_refuse_no_name_and_an_unknown_name(tmp_path) -> None:
+    done = _bash("ablations.sh", tmp_path)
+    assert done.returncode == 2 and "no_clone_loss" in done.stderr
+    done = subprocess.run(["bash", str(RECIPE / "ablations.sh"), "uniform", "no_such"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "unknown ablation 'no_such'" in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran, not even the valid one
+
+
+def test_stage1_skip_needs_a_stage1_student(tmp_path) -> None:
+    bin_dir, calls = _fake_lrkd(tmp_path)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    done = _bash("run.sh", tmp_path, STAGE1="skip", PATH=path)
+    assert done.returncode == 2 and "needs runs/smollm2_half_clone/student" in done.stderr
+    assert not calls.exists()
+
+
+def test_run_passes_each_stage_its_own_arguments(tmp_path) -> None:
+    bin_dir, calls = _fake_lrkd(tmp_path)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    done = _bash("run.sh", tmp_path, PATH=path, STAGE1_ARGS="--model.loss.clone_weight 0",
+                 STAGE2_ARGS="--data.pacing.weighting uniform", STAGE2="two_stage",
+                 COMPARE="none")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fit1, fit2, evaluate = calls.read_text().splitlines()
+    assert fit1 == f"fit --config {RECIPE}/clone.yaml --model.loss.clone_weight 0"
+    assert fit2 == f"fit --config {RECIPE}/two_stage.yaml --data.pacing.weighting uniform"
+    assert evaluate.startswith("eval --model runs/smollm2_half_paced/student --tasks ")
+    assert "--compare" not in evaluate
+
+    calls.unlink()
+    done = _bash("run.sh", tmp_path, PATH=path, STOP_AFTER="1")
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [f"fit --config {RECIPE}/clone.yaml"]
