@@ -10,6 +10,8 @@ scores (all 250 ``lrkd_arithmetic`` items, all documents of the text tasks). A s
 ablation did not run (stage-1 ablations stop after stage 1; stage-2 ablations reuse the
 recipe's stage-1 student) is a dash. ``--recipe DIR`` adds a run of ``run.sh`` made in DIR
 (its ``runs/``) as seed 0 of ``recipe`` when ``runs/ablations/recipe/seed0`` is absent.
+``--merge FILE`` adds the seeds of an earlier ``--out`` (runs made on another day, their
+folders gone) that the runs found now do not have.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ def collect(root: Path, recipe: Path | None) -> dict[str, dict[int, dict[str, fl
     return table
 
 
+def merge(table: dict[str, dict[int, dict[str, float]]], earlier: Path) -> None:
+    """Add to ``table`` the seeds of ``earlier`` (a ``--out`` JSON) that it does not have."""
+    for name, seeds in json.loads(earlier.read_text()).items():
+        for seed, scores in seeds.items():
+            table.setdefault(name, {}).setdefault(int(seed), scores)
+
+
 def cell(values: list[float]) -> str:
     """``mean`` for one seed, ``mean ± sd (min-max)`` for more, a dash for none."""
     if not values:
@@ -76,9 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablations", default="runs/ablations", help="ablations.sh's folder")
     parser.add_argument("--recipe", default=".", help="where run.sh ran (seed 0 of recipe)")
+    parser.add_argument("--merge", help="an earlier OUT.json whose other seeds to keep")
     parser.add_argument("--out", help="also write OUT.json")
     args = parser.parse_args()
     table = collect(Path(args.ablations), Path(args.recipe) if args.recipe else None)
+    if args.merge:
+        merge(table, Path(args.merge))
     if not table:
         raise SystemExit(f"{args.ablations}: no NAME/seedS folders; run ablations.sh first")
     names = [n for n in ORDER if n in table] + sorted(set(table) - set(ORDER))

@@ -106,3 +106,30 @@ def test_ablation_table_takes_the_last_points_and_the_spread_over_seeds(tmp_path
     assert rows["uniform"] == "| uniform | 0 | - | - | 0.125 | 0.100 | - | 2.500 |"
     saved = json.loads((tmp_path / "table.json").read_text())
     assert saved["no_clone_loss"]["1"]["stage1:eval/lrkd_pydoc/bits_per_byte"] == pytest.approx(3.1)
+
+
+def test_ablation_table_merges_the_seeds_of_an_earlier_table(tmp_path) -> None:
+    """``--merge``: an earlier table's seeds join the ones found now; a seed found now wins."""
+    root = tmp_path / "runs" / "ablations"
+    pydoc = "eval/lrkd_pydoc/bits_per_byte"
+    _write_scalars(root / "normal_init" / "seed1" / "runs" / "smollm2_half_clone",
+                   {pydoc: [(0, 4.0), (120, 3.0)]})  # fmt: skip
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({
+        "normal_init": {"0": {f"stage1:{pydoc}": 2.0}, "1": {f"stage1:{pydoc}": 9.0}},
+        "uniform": {"0": {"eval:lrkd_arithmetic/acc": 0.25}},
+    }))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "recipe_ablations.py"), "--ablations", str(root),
+         "--recipe", "", "--merge", str(earlier), "--out", str(tmp_path / "table")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines()}
+    # normal_init: seed 0 from the earlier table (2.0), seed 1 from the runs (3.0, not 9.0)
+    assert rows["normal_init"] == (
+        "| normal_init | 0,1 | - | 2.500 ± 0.707 (2.000-3.000) | - | - | - | - |"
+    )
+    assert rows["uniform"] == "| uniform | 0 | - | - | - | 0.250 | - | - |"
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["normal_init"]["1"][f"stage1:{pydoc}"] == pytest.approx(3.0)
