@@ -97,10 +97,13 @@ def _plot(curves: dict[str, dict[str, list[tuple[int, float]]]], student: dict[s
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (task, tag) in zip(axes, TEXT.items(), strict=False):
-        offset = 0
+        offset, last = 0, None
         for stage, found in curves.items():
             points = [(offset + s, v) for s, v in found.get(tag, [])]
+            if last is not None and points and points[0][0] > offset:
+                points.insert(0, last)  # stage 2 starts from stage 1's last score, not rescored
             if points:
+                last = points[-1]
                 ax.plot(*zip(*points, strict=True), "o-", label=f"student ({stage.split('_')[-1]})")
             offset = max((s for s, _ in points), default=offset)
         # The teacher is scored once (at stage 1's start): a level line over the whole run.

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrkd.callbacks.lm_eval import LMEvalCallback
@@ -26,6 +26,7 @@ from lrkd.data.tokens import prompt_token_ids
 from lrkd.data.verifiers import FinalNumber
 from lrkd.errors import MissingDependency
 from lrkd.evaluation.builtin import BUILTIN_TASKS, MAX_GEN_TOKS, STOP, problems_dataset
+from lrkd.evaluation.command import eval_command
 from lrkd.evaluation.harness import (
     EvalSettings,
     check_tasks,
@@ -311,6 +312,46 @@ def test_eval_of_a_checkpoint_beside_its_teacher(tmp_path, tiny_teacher_dir, cap
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     direct = evaluate(model, ["lrkd_corpus"], manager, EvalSettings(limit=4), tokenizer=tokenizer)
     assert scores(direct)["lrkd_corpus/word_perplexity"] == pytest.approx(b, rel=1e-5)
+
+
+def test_compare_with_saved_results_reads_the_scores_a_live_comparison_computes(
+    tmp_path, tiny_teacher_dir, capsys
+) -> None:
+    """``--compare <name>.json`` (from ``--output_path``) gives the same scores and table as
+    scoring that model again, and refuses results scored another way, naming the difference."""
+    other = tmp_path / "other"
+    make_tiny_llama(seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    common = ["--tasks", "lrkd_arithmetic,lrkd_corpus", "--limit", "3", "--device", "cpu"]
+    live = main(["eval", "--model", str(other), "--compare", str(tiny_teacher_dir), *common,
+                 "--output_path", str(tmp_path / "live")])  # fmt: skip
+    live_table = capsys.readouterr().out.split("| task/metric |")[1]
+    saved = tmp_path / "live" / f"{tiny_teacher_dir.name}.json"
+    read = main(["eval", "--model", str(other), "--compare", str(saved), *common,
+                 "--output_path", str(tmp_path / "read")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert read == live and list(read) == ["other", tiny_teacher_dir.name]
+    assert f"(read from {saved})" in printed
+    assert printed.split("| task/metric |")[1] == live_table
+    assert json.loads((tmp_path / "read" / "scores.json").read_text()) == live
+    assert not (tmp_path / "read" / f"{tiny_teacher_dir.name}.json").exists()
+
+    # Scored another way: refused, before the model's evaluation where the file tells.
+    with pytest.raises(ValueError, match=r"--compare=.*--limit 3, this evaluation has --limit 2"):
+        eval_command(str(other), tasks="lrkd_corpus", compare=str(saved), limit=2)
+    with pytest.raises(ValueError, match=r"has no scores for lrkd_word \(it has lrkd_arit"):
+        eval_command(str(other), tasks="lrkd_word", compare=str(saved), limit=3)
+    changed = json.loads(saved.read_text())
+    changed["versions"]["lrkd_corpus"] = 0.5
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=r"task .lrkd_corpus. has versions 0.5 there and 1.0 here"):
+        eval_command(str(other), tasks="lrkd_corpus", compare=str(edited), limit=3)
+    with pytest.raises(FileNotFoundError, match=r"--compare=.*no such file"):
+        eval_command(str(other), compare=str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"student": {"a/acc": 1.0}}))
+    with pytest.raises(ValueError, match="not lm-eval results"):
+        eval_command(str(other), compare=str(tmp_path / "bad.json"))
 
 
 def test_callback_refuses_models_lm_eval_cannot_run(tiny_teacher_dir) -> None:

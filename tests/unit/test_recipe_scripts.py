@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from lrkd.evaluation.command import SavedResults
+
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "smollm2_half"
 
 
@@ -57,6 +59,29 @@ def test_run_passes_each_stage_its_own_arguments(tmp_path) -> None:
     assert "--compare" not in evaluate
 
     calls.unlink()
+    done = _bash("run.sh", tmp_path, PATH=path, STAGE1="skip")
+    assert done.returncode == 2  # (no stage-1 student here: refused, nothing run)
+    (tmp_path / "runs" / "smollm2_half_clone" / "student").mkdir(parents=True)
+    (tmp_path / "runs" / "smollm2_half_clone" / "student" / "config.json").write_text("{}")
+    done = _bash("run.sh", tmp_path, PATH=path, STAGE1="skip")
+    assert done.returncode == 0, done.stderr
+    fit2, evaluate = calls.read_text().splitlines()
+    # By default the teacher's scores are read from the saved results beside the script.
+    assert evaluate.endswith(f"--compare {RECIPE}/smollm2-135m-instruct.json --tasks "
+                             "lrkd_arithmetic,lrkd_corpus,lrkd_pydoc --output_path "
+                             "runs/smollm2_half_eval")  # fmt: skip
+
+    calls.unlink()
     done = _bash("run.sh", tmp_path, PATH=path, STOP_AFTER="1")
     assert done.returncode == 0, done.stderr
     assert calls.read_text().splitlines() == [f"fit --config {RECIPE}/clone.yaml"]
+
+
+def test_the_saved_teacher_scores_cover_stage_3() -> None:
+    """The teacher's saved results that stage 3 reads are lm-eval's, for stage 3's tasks on all
+    items (``lrkd eval`` checks versions and item counts against the student's when it runs)."""
+    saved = SavedResults.read(str(RECIPE / "smollm2-135m-instruct.json"))
+    saved.check(["lrkd_arithmetic", "lrkd_corpus", "lrkd_pydoc"], limit=None)
+    counts = {task: n["effective"] for task, n in saved.results["n-samples"].items()}
+    assert counts == {"lrkd_arithmetic": 250, "lrkd_corpus": 200, "lrkd_pydoc": 79}
+    assert saved.results["results"]["lrkd_arithmetic"]["acc,none"] == 0.156

@@ -10,7 +10,11 @@
 #                   student
 #   3. lrkd eval    the final student against the teacher on held-out items: arithmetic
 #                   pass@1 (lrkd_arithmetic), next-token loss on held-out built-in text
-#                   (lrkd_corpus) and on real text it never saw (lrkd_pydoc)
+#                   (lrkd_corpus) and on real text it never saw (lrkd_pydoc). The teacher's
+#                   scores are read from smollm2-135m-instruct.json beside this script (lm-eval's
+#                   results of the same lrkd eval of the teacher; lrkd eval checks that they are
+#                   for the same tasks, versions and items): scoring the teacher again takes
+#                   5-11 minutes and gives the same numbers (COMPARE=smollm2-135m-instruct does)
 #
 #   bash configs/recipes/smollm2_half/run.sh                    # writes ./runs/smollm2_half_*
 #   STAGE2=two_stage bash configs/recipes/smollm2_half/run.sh   # + on-policy reverse KL
@@ -22,13 +26,14 @@
 #   STAGE2_ARGS="..."      the same for stage 2
 #   STAGE1=skip            keep runs/smollm2_half_clone/student from an earlier run
 #   STOP_AFTER=1           stop after stage 1 (its held-out losses are in its TensorBoard log)
-#   COMPARE=none           do not score the teacher in stage 3
+#   COMPARE=smollm2-135m-instruct   score the teacher again in stage 3 (default: its saved
+#                          scores, smollm2-135m-instruct.json); COMPARE=none: no teacher
 # Extra arguments go to both lrkd fit commands (e.g. --seed_everything 1). Needs the eval extra:
 # pip install -c constraints.txt -e '.[eval]'.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 stage2=${STAGE2:-paced}
-compare=${COMPARE:-smollm2-135m-instruct}
+compare=${COMPARE:-$here/smollm2-135m-instruct.json}
 read -r -a stage1_args <<< "${STAGE1_ARGS:-}"
 read -r -a stage2_args <<< "${STAGE2_ARGS:-}"
 t0=$SECONDS
