@@ -71,6 +71,19 @@ def test_run_passes_each_stage_its_own_arguments(tmp_path) -> None:
                              "lrkd_arithmetic,lrkd_corpus,lrkd_pydoc --output_path "
                              "runs/smollm2_half_eval")  # fmt: skip
 
+    calls.unlink()  # SEED reaches every seed of each stage
+    done = _bash("run.sh", tmp_path, PATH=path, STAGE1="skip", SEED="2")
+    assert done.returncode == 0, done.stderr
+    seeds = "--seed_everything 2 --data.init_args.seed 2"
+    assert calls.read_text().splitlines()[0] == (
+        f"fit --config {RECIPE}/paced.yaml {seeds} --model.on_policy.seed 2"
+    )
+    calls.unlink()
+    done = _bash("run.sh", tmp_path, PATH=path, STOP_AFTER="1", SEED="2")
+    assert calls.read_text().splitlines() == [
+        f"fit --config {RECIPE}/clone.yaml {seeds} --model.student.init_args.seed 2"
+    ]
+
     calls.unlink()
     done = _bash("run.sh", tmp_path, PATH=path, STOP_AFTER="1")
     assert done.returncode == 0, done.stderr

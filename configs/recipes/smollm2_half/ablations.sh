@@ -32,7 +32,7 @@ for name in "$@"; do
   for seed in ${SEEDS:-0}; do
     dir=$root/runs/ablations/$name/seed$seed
     mkdir -p "$dir/runs"
-    env_args=(COMPARE=none)
+    env_args=(COMPARE=none "SEED=$seed")
     case $name in
       no_clone_loss) env_args+=("STAGE1_ARGS=--model.loss.clone_weight 0") ;;
       normal_init) env_args+=("STAGE1_ARGS=--model.student.init_args.init normal") ;;
@@ -53,7 +53,7 @@ for name in "$@"; do
         done ;;
     esac
     echo "=== ablation $name, seed $seed, in $dir: ${env_args[*]} ==="
-    (cd "$dir" && env "${env_args[@]}" bash "$here/run.sh" --seed_everything "$seed") \
+    (cd "$dir" && env "${env_args[@]}" bash "$here/run.sh") \
       2>&1 | tee "$dir/log.txt"
   done
 done

@@ -28,7 +28,12 @@
 #   STOP_AFTER=1           stop after stage 1 (its held-out losses are in its TensorBoard log)
 #   COMPARE=smollm2-135m-instruct   score the teacher again in stage 3 (default: its saved
 #                          scores, smollm2-135m-instruct.json); COMPARE=none: no teacher
-# Extra arguments go to both lrkd fit commands (e.g. --seed_everything 1). Needs the eval extra:
+#   SEED=S                 seed S for every random choice: --seed_everything, the data seed
+#                          (the corpus sample and its order; the problems, their split, order
+#                          and rollouts), stage 1's normal-init seed and stage 2's on-policy
+#                          sampling seed. Each of these has its own seed in the configs (0), so
+#                          --seed_everything alone changes nothing in this recipe.
+# Extra arguments go to both lrkd fit commands. Needs the eval extra:
 # pip install -c constraints.txt -e '.[eval]'.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -36,6 +41,12 @@ stage2=${STAGE2:-paced}
 compare=${COMPARE:-$here/smollm2-135m-instruct.json}
 read -r -a stage1_args <<< "${STAGE1_ARGS:-}"
 read -r -a stage2_args <<< "${STAGE2_ARGS:-}"
+seed1_args=() seed2_args=()
+if [ -n "${SEED:-}" ]; then
+  seed1_args=(--seed_everything "$SEED" --data.init_args.seed "$SEED"
+    --model.student.init_args.seed "$SEED")
+  seed2_args=(--seed_everything "$SEED" --data.init_args.seed "$SEED" --model.on_policy.seed "$SEED")
+fi
 t0=$SECONDS
 report=()
 stage() {
@@ -57,13 +68,15 @@ if [ "${STAGE1:-}" = skip ]; then
     exit 2
   }
 else
-  stage "1 low-rank clone" lrkd fit --config "$here/clone.yaml" "${stage1_args[@]}" "$@"
+  stage "1 low-rank clone" lrkd fit --config "$here/clone.yaml" "${seed1_args[@]}" "${stage1_args[@]}" \
+    "$@"
 fi
 if [ "${STOP_AFTER:-}" = 1 ]; then
   finish
   exit 0
 fi
-stage "2 $stage2 distillation" lrkd fit --config "$here/$stage2.yaml" "${stage2_args[@]}" "$@"
+stage "2 $stage2 distillation" lrkd fit --config "$here/$stage2.yaml" "${seed2_args[@]}" \
+  "${stage2_args[@]}" "$@"
 compare_args=()
 [ "$compare" != none ] && compare_args=(--compare "$compare")
 stage "3 evaluation" lrkd eval --model runs/smollm2_half_paced/student "${compare_args[@]}" \
