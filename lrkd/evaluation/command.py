@@ -62,7 +62,8 @@ def eval_command(
             the same items and shown side by side with the ratio model / compare. Or the
             ``<name>.json`` that ``--output_path`` wrote for a model scored earlier: its scores
             are read instead of computed again, once they are checked to be for the same
-            tasks, task versions, items and few-shot counts as ``model``'s.
+            tasks, task versions, items and few-shot counts as ``model``'s (lm-eval's results
+            do not record ``--apply_chat_template``: that one is not checked).
         include_path: a folder of task YAML files of your own, or a list of them.
         limit: evaluate only the first this many items of each task (``None``: all).
         batch_size: sequences per forward pass.
