@@ -16,8 +16,8 @@
 # is the held-out next-token loss that stage 1's LMEvalCallback logs at its end. The stage-2
 # ablations start from the recipe's stage-1 student of the same seed: runs/ablations/recipe/
 # seedS/runs/smollm2_half_clone/student, or for seed 0 runs/smollm2_half_clone/student (a run
-# of run.sh in this directory); without one they run stage 1 first. None scores the teacher
-# again (COMPARE=none): the recipe's run.sh does.
+# of run.sh in this directory); without one they run stage 1 first. None shows the teacher
+# (COMPARE=none); run.sh alone shows its saved scores. Each seed is SEED=S to run.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root=$PWD
